@@ -1,0 +1,233 @@
+"""Files of a checkpoint folder: which ones hold weights, hashing, aux-file copy.
+
+A Hugging Face checkpoint folder is "weights + everything else".  This module
+knows which is which:
+
+* :func:`weight_files` lists the tensor files (safetensors shards, or pickled
+  ``pytorch_model*.bin`` as a fallback) in a stable order; the reader and the
+  manifest code both use it, so "the weights" means the same thing everywhere.
+* :func:`copy_aux_files` copies the non-weight files a checkpoint needs to load
+  (config, generation config, tokenizer files, chat templates, custom code,
+  licence files) -- an allow-list, so stray files (README.md model cards,
+  ``.gitattributes``, ONNX exports, our own ``surgery.json``) are never carried
+  over.  ``config_updates`` are merged into ``config.json`` on the way.
+* :func:`sha256_file` hashes in chunks (constant memory).
+
+Every failure is a :class:`~surgery.errors.CheckpointError` with a one-line
+message naming the file; nothing is only logged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from surgery.errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+
+# Non-weight files a checkpoint needs (fnmatch patterns, matched on the file name
+# of top-level files only).  README.md is deliberately absent: model cards are
+# written by the card module.
+AUX_PATTERNS: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "tokenizer.model.v*",
+    "*.tiktoken",
+    "preprocessor_config.json",
+    "processor_config.json",
+    # custom code referenced by config.json "auto_map" (trust_remote_code models)
+    "configuration_*.py",
+    "modeling_*.py",
+    "tokenization_*.py",
+    # licence terms travel with derivatives
+    "LICENSE",
+    "LICENSE.*",
+    "LICENCE",
+    "LICENCE.*",
+    "NOTICE",
+    "NOTICE.*",
+    "USE_POLICY.md",
+)
+
+# Folders copied whole (transformers saves extra chat templates here).
+AUX_FOLDERS: tuple[str, ...] = ("additional_chat_templates",)
+
+# Never copied even if a pattern above would match.
+_NEVER_COPY = {SAFETENSORS_INDEX, PICKLE_INDEX, "surgery.json", "README.md"}
+
+
+def _is_weight_name(name: str) -> bool:
+    return name.endswith(".safetensors") or (name.startswith("pytorch_model") and name.endswith(".bin"))
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """weight_map of a ``*.index.json`` (tensor name -> shard file name)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read index {path}: {_one_line(e)}") from None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
+    ):
+        raise CheckpointError(f"index {path} has no valid 'weight_map'")
+    for shard in set(wmap.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"index {path} names a shard outside its folder: {shard!r}")
+    return wmap
+
+
+def _shards_in_index_order(wmap: dict[str, str]) -> list[str]:
+    return sorted(set(wmap.values()))
+
+
+def weight_files(folder) -> list[Path]:
+    """Tensor files of checkpoint ``folder``, in reading order.
+
+    Preference (as transformers): ``model.safetensors``, then
+    ``model.safetensors.index.json`` (its shards, sorted by name), then
+    un-indexed ``model-*.safetensors``, then the pickled equivalents
+    (``pytorch_model.bin``, its index, ``pytorch_model-*.bin``).
+    Raises CheckpointError if the folder is missing, holds no weights, or its
+    index names a shard that does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"not a checkpoint folder: {folder}")
+    index = folder / SAFETENSORS_INDEX
+    if (folder / SAFETENSORS_SINGLE).is_file():
+        files = [folder / SAFETENSORS_SINGLE]
+    elif index.is_file():
+        files = [folder / s for s in _shards_in_index_order(_read_index(index))]
+    elif sorted(folder.glob("model-*.safetensors")):
+        files = sorted(folder.glob("model-*.safetensors"))
+    elif (folder / PICKLE_SINGLE).is_file():
+        files = [folder / PICKLE_SINGLE]
+    elif (folder / PICKLE_INDEX).is_file():
+        files = [folder / s for s in _shards_in_index_order(_read_index(folder / PICKLE_INDEX))]
+    elif sorted(folder.glob("pytorch_model-*.bin")):
+        files = sorted(folder.glob("pytorch_model-*.bin"))
+    else:
+        raise CheckpointError(
+            f"no weights in {folder} (expected model.safetensors, sharded model-*.safetensors "
+            "with model.safetensors.index.json, or pytorch_model*.bin)"
+        )
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"shard named in the index is missing: {f}")
+    return files
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte pieces (constant memory)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    break
+                h.update(block)
+    except OSError as e:
+        raise CheckpointError(f"cannot hash {path}: {_one_line(e)}") from None
+    return h.hexdigest()
+
+
+def is_aux_file(name: str) -> bool:
+    """True if a top-level file called ``name`` is a non-weight file worth copying."""
+    if name in _NEVER_COPY or _is_weight_name(name) or name.endswith(".index.json"):
+        return False
+    return any(fnmatch.fnmatchcase(name, pat) for pat in AUX_PATTERNS)
+
+
+def copy_aux_files(src_folder, dst_folder, config_updates: dict | None = None) -> list[str]:
+    """Copy the non-weight files of checkpoint ``src_folder`` into ``dst_folder``.
+
+    ``config.json`` is required; ``config_updates`` (e.g. ``{"tie_word_embeddings":
+    False}``) are merged into it (top-level keys).  Symlinks (as in the HF cache)
+    are followed: the copy holds the content.  Returns the copied file names,
+    sorted.  Any failure raises CheckpointError naming the file.
+    """
+    src, dst = Path(src_folder), Path(dst_folder)
+    if not src.is_dir():
+        raise CheckpointError(f"not a checkpoint folder: {src}")
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {src}")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {dst}: {_one_line(e)}") from None
+
+    copied: list[str] = []
+    for entry in sorted(src.iterdir()):
+        name = entry.name
+        target = dst / name
+        if entry.is_dir() and name in AUX_FOLDERS:
+            try:
+                shutil.copytree(entry, target, dirs_exist_ok=True)
+            except (OSError, shutil.Error) as e:
+                raise CheckpointError(f"cannot copy {entry} to {dst}: {_one_line(e)}") from None
+            copied.append(name)
+            continue
+        if not entry.is_file() or not is_aux_file(name):
+            continue
+        try:
+            if name == "config.json":
+                config = load_config(entry)
+                if config_updates:
+                    config.update(config_updates)
+                tmp = target.with_name(f".{name}.tmp")
+                tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                os.replace(tmp, target)
+            else:
+                shutil.copyfile(entry, target)
+        except CheckpointError:
+            raise
+        except (OSError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot copy {entry} to {dst}: {_one_line(e)}") from None
+        copied.append(name)
+    return copied
+
+
+def load_config(path) -> dict:
+    """Parse a ``config.json``; CheckpointError if missing or not a JSON object."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"no config.json in {path.parent}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"invalid JSON in {path}: {_one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return config
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
