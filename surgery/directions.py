@@ -1,0 +1,355 @@
+"""Refusal directions: difference of means of residual-stream activations,
+candidate scoring and selection, and the direction artifact.
+
+Three sources of candidates (methods.md §1, findings.md):
+
+``prompt``    harmful minus harmless prompts at the post-instruction positions
+              (Arditi et al.).  On a model that refuses, this is the refusal
+              direction; on one that does not, it encodes "harmful topic" and
+              adding it back does not cause refusals.
+``system``    the same, with a safety system prompt prepended to both sets (ROSI's
+              remedy for uncensored models).
+``response``  (default) on harmful prompts, the residual stream over the first
+              ``k`` reply tokens when the reply is a refusal minus when it is the
+              model's own greedy reply.  This is what "about to refuse" looks like
+              inside the model, and it exists even in models that never refuse.
+
+Every candidate (source, layer, position) is scored with cheap refusal-score
+proxies (no generation):
+``bypass``    mean refusal score on harmful validation prompts with the direction
+              ablated everywhere (lower: the direction matters more for refusals
+              the model already makes);
+``induce``    mean refusal score on harmless validation prompts with ``r`` added at
+              its layer (Arditi: must be > 0);
+``induce_harmful`` the same on harmful validation prompts;
+``kl``        first-token KL on harmless prompts under ablation (must be < 0.1);
+and candidates from the last 20% of layers are dropped.  Survivors are ranked by
+``rank_by``: ``bypass`` (Arditi's default, for models that refuse) or
+``selectivity`` = ``induce_harmful - induce`` (our default for hardening: we
+want a direction that pushes harmful requests towards refusal more than harmless
+ones).  When no candidate survives the filters, the best-ranked one overall is
+chosen with a warning instead of failing.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .activations import batches, encode, layer_input_hook, mean_residuals
+from .errors import DirectionError
+from .model import LoadedModel, patched_weights
+from .prompts import format_chat, refusal_texts
+
+log = logging.getLogger(__name__)
+
+SAFETY_SYSTEM_PROMPT = (
+    "You are a helpful assistant that strictly refuses any request that is unsafe, harmful, unethical "
+    "or illegal. When you refuse, begin your reply with \"I'm sorry\" or \"I can't\"."
+)
+SOURCES = ("prompt", "system", "response")
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+
+
+# ----------------------------------------------------------------------------- scores
+def refusal_token_ids(tokenizer) -> list[int]:
+    """First tokens of refusal replies ("I", "Sorry", "As", ...) for this tokenizer."""
+    starts = {"I", "Sorry", "As", "I'm", "Unfortunately"}
+    for t in refusal_texts():
+        starts.add(t.split()[0])
+    ids = set()
+    for s in starts:
+        toks = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if toks:
+            ids.add(toks[0])
+    return sorted(ids)
+
+
+@torch.no_grad()
+def last_logprobs(lm: LoadedModel, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Log-softmax of the next-token distribution at the last position, (n, V) float32."""
+    out = []
+    for chunk in batches(list(texts), batch_size):
+        batch = encode(lm, chunk)
+        logits = lm.model(**batch, use_cache=False).logits[:, -1, :].float()
+        out.append(torch.log_softmax(logits, dim=-1).cpu())
+    return torch.cat(out)
+
+
+def refusal_score_from_logprobs(logp: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """``log p(R) - log(1 - p(R))`` per row, R = the refusal first tokens."""
+    lp = torch.logsumexp(logp[:, list(ids)], dim=-1)
+    p = lp.exp().clamp(max=1 - 1e-7)
+    return lp - torch.log1p(-p)
+
+
+def kl_div(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || new) per row, from log-probabilities."""
+    return (logp_ref.exp() * (logp_ref - logp)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- edits used while measuring
+def _writer_params(lm: LoadedModel):
+    names = [n for n, _ in lm.model.named_parameters()]
+    return lm.arch.residual_writers(names, lm.model.config, include_embedding=False)
+
+
+@contextlib.contextmanager
+def ablated(lm: LoadedModel, direction: torch.Tensor) -> Iterator[None]:
+    """Directional ablation everywhere: every residual write (and the embedding
+    output, via a hook at layer 0) has its component along ``direction`` removed."""
+    r = (direction / direction.norm()).to(torch.float32).to(lm.device)
+    params = dict(lm.model.named_parameters())
+    new = {}
+    for w in _writer_params(lm):
+        p = params[w.name].data.float()
+        if w.layout == "bias":
+            new[w.name] = p - r * (r @ p)
+            continue
+        m = w.as_out_in(p)  # (..., d, d_in)
+        m = m - torch.einsum("d,...di->...i", r, m).unsqueeze(-2) * r.view(*([1] * (m.dim() - 2)), -1, 1)
+        new[w.name] = w.from_out_in(m)
+    with patched_weights(lm.model, new), layer_input_hook(lm, 0, lambda h: h - (h @ r.to(h.dtype)).unsqueeze(-1) * r.to(h.dtype)):
+        yield
+
+
+# ----------------------------------------------------------------------------- candidates
+def post_instruction_positions(tokenizer, system: str | None = None, max_positions: int = 5) -> list[int]:
+    """Negative positions of the template tokens that follow the instruction text."""
+    marker = "XQZJ instruction"
+    text = format_chat(tokenizer, marker, system=system)
+    tail = text[text.index(marker) + len(marker):]
+    n = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    n = max(1, min(n, max_positions))
+    return list(range(-n, 0))
+
+
+@dataclass
+class Candidate:
+    source: str
+    layer: int
+    position: int | str  # negative index, or "reply[0:k]"
+    vector: torch.Tensor  # float64 (d,), raw difference of means
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    def describe(self) -> dict:
+        return {"source": self.source, "layer": self.layer, "position": self.position, "norm": self.norm, **self.scores}
+
+
+def prompt_candidates(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], system: str | None = None,
+                      source: str = "prompt", positions: Sequence[int] | None = None, batch_size: int = 16) -> list[Candidate]:
+    tok = lm.tokenizer
+    pos = list(positions) if positions is not None else post_instruction_positions(tok, system)
+    h = mean_residuals(lm, [format_chat(tok, p, system=system) for p in harmful], pos, batch_size=batch_size)
+    b = mean_residuals(lm, [format_chat(tok, p, system=system) for p in harmless], pos, batch_size=batch_size)
+    diff = h - b  # (P, L, d)
+    return [Candidate(source, layer, p, diff[i, layer].clone()) for i, p in enumerate(pos) for layer in range(lm.num_layers)]
+
+
+@torch.no_grad()
+def response_candidates(lm: LoadedModel, harmful: Sequence[str], refusal: str = DEFAULT_REFUSAL, k: int = 4,
+                        batch_size: int = 16) -> list[Candidate]:
+    """Refusal-reply minus own-reply activations over the first ``k`` reply tokens."""
+    from .evaluation.generate import generate
+
+    tok = lm.tokenizer
+    texts = [format_chat(tok, p) for p in harmful]
+    _, own = generate(lm, harmful, max_new_tokens=k, batch_size=batch_size, return_ids=True)
+    ref_ids = tok(refusal, add_special_tokens=False)["input_ids"][:k]
+    if len(ref_ids) < k:
+        raise DirectionError(f"refusal text is shorter than {k} tokens: {refusal!r}")
+    # Prompts whose own reply is shorter than k tokens (immediate EOS) are dropped.
+    keep = [i for i, ids in enumerate(own) if len(ids) >= k]
+    if not keep:
+        raise DirectionError("the model's replies to the harmful prompts are all shorter than the reply window")
+    pos = list(range(-k, 0))
+    sub = [texts[i] for i in keep]
+    refu = mean_residuals(lm, sub, pos, suffixes=[ref_ids] * len(sub), batch_size=batch_size, average_positions=True)
+    comp = mean_residuals(lm, sub, pos, suffixes=[own[i][:k] for i in keep], batch_size=batch_size, average_positions=True)
+    diff = (refu - comp)[0]
+    return [Candidate("response", layer, f"reply[0:{k}]", diff[layer].clone()) for layer in range(lm.num_layers)]
+
+
+# ----------------------------------------------------------------------------- scoring & selection
+@dataclass
+class ScoringData:
+    harmful_texts: list[str]
+    harmless_texts: list[str]
+    refusal_ids: list[int]
+    base_harmful: torch.Tensor  # refusal scores without intervention
+    base_harmless: torch.Tensor
+    base_harmless_logp: torch.Tensor
+
+
+def scoring_data(lm: LoadedModel, harmful_val: Sequence[str], harmless_val: Sequence[str], batch_size: int = 16) -> ScoringData:
+    tok = lm.tokenizer
+    ht = [format_chat(tok, p) for p in harmful_val]
+    bt = [format_chat(tok, p) for p in harmless_val]
+    ids = refusal_token_ids(tok)
+    lh = last_logprobs(lm, ht, batch_size)
+    lb = last_logprobs(lm, bt, batch_size)
+    return ScoringData(ht, bt, ids, refusal_score_from_logprobs(lh, ids), refusal_score_from_logprobs(lb, ids), lb)
+
+
+def score_candidate(lm: LoadedModel, c: Candidate, data: ScoringData, batch_size: int = 16) -> dict:
+    with ablated(lm, c.vector):
+        lh = last_logprobs(lm, data.harmful_texts, batch_size)
+        lb = last_logprobs(lm, data.harmless_texts, batch_size)
+    bypass = refusal_score_from_logprobs(lh, data.refusal_ids).mean().item()
+    kl = kl_div(data.base_harmless_logp, lb).mean().item()
+    v = c.vector.to(torch.float32)
+    with add_at(lm, c.layer, v):
+        ib = refusal_score_from_logprobs(last_logprobs(lm, data.harmless_texts, batch_size), data.refusal_ids).mean().item()
+        ih = refusal_score_from_logprobs(last_logprobs(lm, data.harmful_texts, batch_size), data.refusal_ids).mean().item()
+    return {"bypass": bypass, "induce": ib, "induce_harmful": ih, "selectivity": ih - ib, "kl": kl}
+
+
+def add_at(lm: LoadedModel, layer: int, v: torch.Tensor):
+    from .activations import add_vector
+
+    return add_vector(lm, layer, v)
+
+
+def select(candidates: list[Candidate], num_layers: int, rank_by: str = "selectivity", kl_max: float = 0.1,
+           max_layer_frac: float = 0.8) -> tuple[int, str]:
+    """Index of the chosen candidate and a sentence saying why."""
+    def key(c: Candidate) -> float:
+        if rank_by == "bypass":
+            return c.scores["bypass"]
+        if rank_by == "selectivity":
+            return -c.scores["selectivity"]
+        if rank_by == "induce_harmful":
+            return -c.scores["induce_harmful"]
+        raise DirectionError(f"unknown rank_by {rank_by!r}; use bypass, selectivity or induce_harmful")
+
+    cutoff = int(math.floor(num_layers * max_layer_frac))
+    reasons = {}
+    for i, c in enumerate(candidates):
+        why = []
+        if c.layer >= cutoff:
+            why.append(f"layer >= {cutoff}")
+        if c.scores.get("induce", 1.0) <= 0 and rank_by == "bypass":
+            why.append("induce <= 0")
+        if c.scores.get("kl", 0.0) >= kl_max:
+            why.append(f"kl >= {kl_max}")
+        c.scores["filtered"] = "; ".join(why)
+        reasons[i] = why
+    alive = [i for i in range(len(candidates)) if not reasons[i]]
+    if alive:
+        best = min(alive, key=lambda i: key(candidates[i]))
+        c = candidates[best]
+        return best, (f"best {rank_by} among {len(alive)} of {len(candidates)} candidates passing the filters "
+                      f"(layer < {cutoff}, kl < {kl_max}{', induce > 0' if rank_by == 'bypass' else ''})")
+    best = min(range(len(candidates)), key=lambda i: key(candidates[i]))
+    msg = (f"no candidate passed the filters (layer < {cutoff}, kl < {kl_max}); falling back to the best "
+           f"{rank_by} overall: {candidates[best].source} layer {candidates[best].layer}")
+    log.warning(msg)
+    return best, msg
+
+
+# ----------------------------------------------------------------------------- artifact
+@dataclass
+class Directions:
+    candidates: list[Candidate]
+    chosen: int
+    reason: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+    def save(self, path: str | Path) -> Path:
+        """``path`` (.safetensors) holds the vectors; ``path`` + ``.json`` the metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vecs = torch.stack([c.vector.to(torch.float32) for c in self.candidates])
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"directions": vecs.contiguous(), "chosen": self.best.vector.to(torch.float32).contiguous()}, str(tmp),
+                  metadata={"format": "surgery.directions/1"})
+        tmp.replace(path)
+        meta = {"format": "surgery.directions/1", "chosen": self.chosen, "reason": self.reason,
+                "candidates": [c.describe() for c in self.candidates], **self.meta}
+        Path(str(path) + ".json").write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Directions":
+        from safetensors import safe_open
+
+        path = Path(path)
+        meta_path = Path(str(path) + ".json")
+        if not path.is_file():
+            raise DirectionError(f"direction file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                vecs = f.get_tensor("directions")
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+            raise DirectionError(f"cannot read direction file {path}: {e}") from None
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"chosen": 0, "reason": "", "candidates": []}
+        descs = meta.get("candidates") or [{} for _ in range(vecs.shape[0])]
+        if len(descs) != vecs.shape[0]:
+            raise DirectionError(f"{meta_path}: {len(descs)} candidates described but {vecs.shape[0]} vectors stored")
+        cands = []
+        for v, d in zip(vecs, descs):
+            scores = {k: d[k] for k in d if k not in ("source", "layer", "position", "norm")}
+            cands.append(Candidate(d.get("source", "unknown"), int(d.get("layer", -1)), d.get("position", -1), v.double(), scores))
+        extra = {k: v for k, v in meta.items() if k not in ("chosen", "reason", "candidates", "format")}
+        return cls(cands, int(meta.get("chosen", 0)), meta.get("reason", ""), extra)
+
+    def check_width(self, d: int, what: str = "model") -> None:
+        if self.best.vector.shape[-1] != d:
+            raise DirectionError(f"direction has width {self.best.vector.shape[-1]} but the {what} has hidden size {d}")
+
+
+def compute_directions(lm: LoadedModel, harmful_train: Sequence[str], harmless_train: Sequence[str],
+                       harmful_val: Sequence[str], harmless_val: Sequence[str], sources: Sequence[str] = ("response",),
+                       rank_by: str = "selectivity", system_prompt: str = SAFETY_SYSTEM_PROMPT,
+                       refusal: str = DEFAULT_REFUSAL, reply_tokens: int = 4, positions: Sequence[int] | None = None,
+                       layers: Sequence[int] | None = None, batch_size: int = 16, progress=None) -> Directions:
+    for s in sources:
+        if s not in SOURCES:
+            raise DirectionError(f"unknown direction source {s!r}; choose from {', '.join(SOURCES)}")
+    cands: list[Candidate] = []
+    for s in sources:
+        if s == "prompt":
+            cands += prompt_candidates(lm, harmful_train, harmless_train, None, "prompt", positions, batch_size)
+        elif s == "system":
+            cands += prompt_candidates(lm, harmful_train, harmless_train, system_prompt, "system", positions, batch_size)
+        else:
+            cands += response_candidates(lm, harmful_train, refusal, reply_tokens, batch_size)
+    cutoff = int(math.floor(lm.num_layers * 0.8))
+    if layers is not None:
+        cands = [c for c in cands if c.layer in set(layers)]
+    # Layer 0 input is the embedding alone: ablating or adding there is not a residual-stream direction.
+    cands = [c for c in cands if c.layer >= 1]
+    data = scoring_data(lm, harmful_val, harmless_val, batch_size)
+    for i, c in enumerate(cands):
+        if c.layer >= cutoff:
+            c.scores = {"skipped": "layer cut-off"}
+            c.scores.update({"bypass": float("inf"), "induce": 0.0, "induce_harmful": 0.0, "selectivity": float("-inf"), "kl": float("inf")})
+            continue
+        c.scores = score_candidate(lm, c, data, batch_size)
+        if progress:
+            progress(i, len(cands), c)
+    chosen, reason = select(cands, lm.num_layers, rank_by)
+    meta = {"rank_by": rank_by, "sources": list(sources), "reply_tokens": reply_tokens, "refusal_text": refusal,
+            "system_prompt": system_prompt if "system" in sources else None,
+            "baseline": {"refusal_score_harmful": data.base_harmful.mean().item(),
+                         "refusal_score_harmless": data.base_harmless.mean().item()},
+            "refusal_token_ids": data.refusal_ids, "num_layers": lm.num_layers, "hidden_size": lm.hidden_size}
+    return Directions(cands, chosen, reason, meta)

@@ -1,0 +1,1 @@
+"""Evaluation: batched greedy generation, refusal judges, metrics and reports."""
