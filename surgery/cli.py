@@ -1,0 +1,192 @@
+"""The ``surgery`` command line: one click group, each verb a thin shell over a
+function of :mod:`surgery.pipeline`.  User errors (SurgeryError) print one line
+and exit 2; nothing is left half-written (outputs are committed atomically)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import SurgeryError
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=False)
+
+
+def _layers(spec: str | None) -> list[int] | None:
+    """'10-20', '3,5,7', '0-4,9'."""
+    if not spec:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise click.BadParameter(f"cannot read layer list {spec!r} (use e.g. 0-12 or 3,5,7)") from None
+    return out
+
+
+def _floats(spec: str) -> list[float]:
+    try:
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"cannot read number list {spec!r}") from None
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SurgeryError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+def prompt_options(f):
+    f = click.option("--harmful", default="builtin:harmful", show_default=True,
+                     help="Harmful prompts: builtin:NAME, a JSONL/CSV/TXT file, or a Hub dataset id.")(f)
+    f = click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts (same forms).")(f)
+    f = click.option("--borderline", default="builtin:borderline", show_default=True,
+                     help="Prompts that only sound dangerous, for the selectivity report ('' to skip).")(f)
+    f = click.option("--column", default=None, help="Column holding the prompt in user files / datasets.")(f)
+    return f
+
+
+def model_options(f):
+    f = click.option("--revision", default=None, help="Hub revision (pinned commit recorded in the manifest).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")(f)
+    f = click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")(f)
+    return f
+
+
+def _prompts(harmful, harmless, borderline, column):
+    from .pipeline import PromptConfig
+
+    return PromptConfig(harmful=harmful, harmless=harmless, borderline=borderline or None, column=column)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="surgery")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Harden the safety of open-weight LLMs by editing their weights."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .safetensors file.")
+@click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),
+              help="Candidate sources (repeatable; default: response).")
+@click.option("--rank-by", default="selectivity", type=click.Choice(["selectivity", "bypass", "induce_harmful"]),
+              show_default=True)
+@prompt_options
+@model_options
+def directions(model, out, sources, rank_by, harmful, harmless, borderline, column, revision, allow_pickle, device):
+    """Compute refusal-direction candidates for MODEL, score them, pick one."""
+    from .model import load_model
+    from .pipeline import compute_directions, open_model
+
+    resolved, reader, _ = open_model(model, revision, allow_pickle, _say)
+    reader.close()
+    lm = load_model(resolved.folder, device=device)
+    dirs = compute_directions(lm, _prompts(harmful, harmless, borderline, column), sources or ("response",), rank_by, _say)
+    path = dirs.save(out)
+    _say(f"saved {path} and {path}.json")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
+@click.option("--alpha", type=float, default=None, help="Injection strength (default: chosen by a sweep on the validation split).")
+@click.option("--alphas", default="10,20,25,30,35,40", show_default=True, help="Strengths to sweep when --alpha is not given.")
+@click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
+              help="A direction file from `surgery directions` (default: computed now).")
+@click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),
+              help="Direction candidate sources when computing (default: response).")
+@click.option("--layers", default=None, help="Edit only these layers, e.g. 0-12 (default: all).")
+@click.option("--include-embedding", is_flag=True, help="Also edit the token embedding (unties a tied unembedding).")
+@click.option("--max-over-refusal", type=float, default=0.10, show_default=True, help="Sweep budget: harmless refusal on validation.")
+@click.option("--max-kl", type=float, default=0.3, show_default=True, help="Sweep budget: first-token KL on validation.")
+@click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@prompt_options
+@model_options
+def rosi(model, out, alpha, alphas, direction_file, sources, layers, include_embedding, max_over_refusal, max_kl,
+         no_eval, overwrite, max_shard_size, as_json, harmful, harmless, borderline, column, revision, allow_pickle, device):
+    """Harden MODEL with ROSI (rank-one safety injection) and write OUT."""
+    from .pipeline import rosi as run
+
+    res = run(model, out, alpha=alpha, alphas=_floats(alphas), direction_file=direction_file,
+              sources=sources or ("response",), layers=_layers(layers), include_embedding=include_embedding,
+              prompts=_prompts(harmful, harmless, borderline, column), max_over_refusal=max_over_refusal,
+              max_kl=max_kl, run_eval=not no_eval, overwrite=overwrite, revision=revision, allow_pickle=allow_pickle,
+              device=device, max_shard_bytes=int(max_shard_size * 1e9), say=(lambda m: None) if as_json else _say)
+    if as_json:
+        click.echo(json.dumps({"out": str(res.out), "alpha": res.alpha, "direction": res.direction, "sweep": res.sweep,
+                               "evaluation": res.evaluation}, indent=2, default=str))
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--reference", default=None, help="Reference model for KL and perplexity (e.g. the original).")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@prompt_options
+@model_options
+def eval_cmd(model, reference, max_new_tokens, json_out, harmful, harmless, borderline, column, revision, allow_pickle, device):
+    """Refusal on harmful prompts, over-refusal on harmless/borderline ones, drift vs a reference."""
+    from .evaluation.metrics import evaluate, format_table, summary_row
+    from .model import load_model
+    from .pipeline import open_model, test_sets
+
+    prompts = _prompts(harmful, harmless, borderline, column)
+    sets = test_sets(prompts)
+    rows, reports = {}, {}
+    ref_lm = None
+    if reference:
+        rres, rreader, _ = open_model(reference, None, allow_pickle, _say)
+        rreader.close()
+        ref_lm = load_model(rres.folder, device=device)
+    res, reader, _ = open_model(model, revision, allow_pickle, _say)
+    reader.close()
+    lm = load_model(res.folder, device=device)
+    cache: dict = {}
+    if ref_lm is not None:
+        reports["reference"] = evaluate(ref_lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache)
+        rows["reference"] = summary_row(reports["reference"])
+    reports["model"] = evaluate(lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache)
+    rows["model"] = summary_row(reports["model"])
+    _say(format_table(rows))
+    if json_out:
+        json_out.write_text(json.dumps(reports, indent=2))
+        _say(f"report: {json_out}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+def verify(folder):
+    """Check FOLDER's files against its surgery.json manifest; exit 1 naming any that differ."""
+    from .manifest import verify as run
+
+    problems = run(folder)
+    if problems:
+        for p in problems:
+            click.echo(f"FAIL {p}", err=True)
+        sys.exit(1)
+    click.echo(f"OK {folder}: every file matches surgery.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Refusal rates, first-token KL and perplexity, and the before/after report.
+
+Conventions (methods.md, "Evaluation conventions"): greedy decoding with the
+chat template; harm refusal = share of harmful prompts refused; over-refusal =
+share of harmless (and, separately, borderline) prompts refused; drift = mean
+first-token KL(reference || model) on harmless prompts, and perplexity of the
+model on the reference model's own greedy replies to harmless prompts.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+
+from ..activations import batches, encode
+from ..model import LoadedModel
+from ..prompts import PromptSet, format_chat
+from .generate import generate
+from .judges import Judge, MarkerJudge
+
+
+def first_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    from ..directions import last_logprobs
+
+    return last_logprobs(lm, [format_chat(lm.tokenizer, p) for p in prompts], batch_size)
+
+
+def first_token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
+    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+
+
+@torch.no_grad()
+def reply_perplexity(lm: LoadedModel, prompts: Sequence[str], replies_ids: Sequence[Sequence[int]],
+                     batch_size: int = 16) -> float:
+    """Perplexity of ``lm`` on the given reply tokens (after each chat-formatted prompt)."""
+    texts = [format_chat(lm.tokenizer, p) for p in prompts]
+    nll, count = 0.0, 0
+    pairs = [(t, r) for t, r in zip(texts, replies_ids) if len(r) > 0]
+    for chunk in batches(pairs, batch_size):
+        batch = encode(lm, [t for t, _ in chunk], suffixes=[r for _, r in chunk])
+        logits = lm.model(**batch, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = batch["input_ids"][:, 1:]
+        tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        for i, (_, r) in enumerate(chunk):
+            n = len(r)
+            nll -= float(tok_lp[i, -n:].sum())
+            count += n
+    return math.exp(nll / max(count, 1))
+
+
+def refusal_rate(lm: LoadedModel, prompts: Sequence[str], judge: Judge, max_new_tokens: int = 48,
+                 batch_size: int = 32) -> tuple[float, list[str], list[bool]]:
+    replies = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    verdicts = judge.judge(prompts, replies)
+    return (sum(verdicts) / max(len(verdicts), 1)), replies, verdicts
+
+
+def evaluate(lm: LoadedModel, sets: dict[str, PromptSet], reference: LoadedModel | None = None,
+             judge: Judge | None = None, max_new_tokens: int = 48, batch_size: int = 32,
+             reference_cache: dict | None = None, examples: int = 3) -> dict:
+    """Evaluate ``lm`` on named prompt sets (``harmful``, ``harmless``, optional
+    ``borderline``).  With a ``reference`` model, also first-token KL and
+    perplexity on the reference's harmless replies (``reference_cache`` lets a
+    before/after pair share the reference's work)."""
+    judge = judge or MarkerJudge()
+    t0 = time.time()
+    report: dict = {"judge": getattr(judge, "name", type(judge).__name__), "max_new_tokens": max_new_tokens, "sets": {}}
+    for name, ps in sets.items():
+        rate, replies, verdicts = refusal_rate(lm, list(ps.prompts), judge, max_new_tokens, batch_size)
+        report["sets"][name] = {**ps.describe(), "refusal_rate": rate,
+                                "examples": [{"prompt": p, "reply": r, "refused": v}
+                                             for p, r, v in list(zip(ps.prompts, replies, verdicts))[:examples]]}
+    if reference is not None and "harmless" in sets:
+        harmless = list(sets["harmless"].prompts)
+        cache = reference_cache if reference_cache is not None else {}
+        if "logp" not in cache:
+            cache["logp"] = first_token_logprobs(reference, harmless)
+            _, cache["reply_ids"] = generate(reference, harmless, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, return_ids=True)
+            cache["ppl"] = reply_perplexity(reference, harmless, cache["reply_ids"])
+        report["kl_first_token_harmless"] = first_token_kl(cache["logp"], first_token_logprobs(lm, harmless))
+        ppl = reply_perplexity(lm, harmless, cache["reply_ids"])
+        report["perplexity_on_reference_replies"] = ppl
+        report["perplexity_ratio"] = ppl / cache["ppl"]
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+def summary_row(report: dict) -> dict:
+    row = {f"{k}_refusal": v["refusal_rate"] for k, v in report["sets"].items()}
+    for k in ("kl_first_token_harmless", "perplexity_ratio"):
+        if k in report:
+            row[k] = report[k]
+    return row
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A readable table: one row per model/setting, one column per metric."""
+    cols: list[str] = []
+    for r in rows.values():
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    head = ["", *cols]
+    lines = [head]
+    for name, r in rows.items():
+        cells = [name]
+        for c in cols:
+            v = r.get(c)
+            if v is None:
+                cells.append("-")
+            elif c.endswith("_refusal"):
+                cells.append(f"{100 * v:.1f}%")
+            else:
+                cells.append(f"{v:.3f}")
+        lines.append(cells)
+    widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
+    out = []
+    for j, l in enumerate(lines):
+        out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

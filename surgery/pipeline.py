@@ -1,0 +1,253 @@
+"""The Python API behind the CLI: each verb is one function here.
+
+``compute_directions`` measures and saves refusal directions; ``rosi`` plans and
+streams a ROSI edit into a new checkpoint with its manifest; ``evaluate_models``
+compares a patched model with its original.  Everything a function needs is
+checked before any expensive work: the output target, the model's architecture
+(every tensor placed), the prompt sets and the direction's width.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .architectures import get_architecture
+from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, resolve_model, stream_rewrite)
+from .directions import SAFETY_SYSTEM_PROMPT, Directions, compute_directions as _compute_directions
+from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
+from .errors import PromptError, SurgeryError
+from .evaluation.metrics import evaluate, format_table, summary_row
+from .manifest import build_manifest, update_manifest, write_manifest
+from .model import LoadedModel, load_model
+from .prompts import PromptSet, load_prompts
+from . import tuning
+
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+
+DEFAULT_ALPHAS = (10.0, 20.0, 25.0, 30.0, 35.0, 40.0)
+
+
+def hash_split(prompt: str) -> str:
+    import hashlib
+
+    b = hashlib.sha256(prompt.encode("utf-8")).digest()[0] % 5
+    return "train" if b < 3 else ("val" if b == 3 else "test")
+
+
+@dataclass
+class PromptConfig:
+    """Where prompts come from (any ``load_prompts`` source) and how many to use."""
+    harmful: str = "builtin:harmful"
+    harmless: str = "builtin:harmless"
+    borderline: str | None = "builtin:borderline"
+    column: str | None = None
+    n_train: int = 120
+    n_val: int = 40
+
+    def load(self, which: str, split: str) -> PromptSet:
+        """Built-in sets have fixed splits; a user source (file or Hub dataset)
+        is split deterministically by prompt hash: 60% train, 20% val, 20% test
+        (records carrying a ``split`` field are not needed)."""
+        src = getattr(self, which)
+        if src.startswith("builtin:"):
+            return load_prompts(f"{src}[{split}]")
+        ps = load_prompts(src, column=self.column)
+        keep = [i for i, p in enumerate(ps.prompts) if hash_split(p) == split]
+        if not keep:
+            raise PromptError(f"{src}: no prompts fall in the {split} split (too few prompts?)")
+        cats = tuple(ps.categories[i] for i in keep) if ps.categories else None
+        return PromptSet.from_prompts([ps.prompts[i] for i in keep], f"{ps.source}|split={split}", cats)
+
+    def train_val(self) -> tuple[PromptSet, PromptSet, PromptSet, PromptSet]:
+        ht, bt = self.load("harmful", "train"), self.load("harmless", "train")
+        hv, bv = self.load("harmful", "val"), self.load("harmless", "val")
+        return ht.subset(self.n_train), bt.subset(self.n_train), hv.subset(self.n_val), bv.subset(self.n_val)
+
+
+def _say(say: Say | None) -> Say:
+    return say or (lambda msg: log.info(msg))
+
+
+def input_info(resolved, reader: CheckpointReader) -> dict:
+    from .checkpoint import sha256_file
+
+    info = resolved.to_dict() if hasattr(resolved, "to_dict") else {"source": str(resolved)}
+    info["weight_files"] = {p.name: sha256_file(p) for p in reader.weight_files}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
+
+
+def open_model(source: str, revision: str | None = None, allow_pickle: bool = False, say: Say | None = None):
+    """Resolve ``source`` and check that every tensor of it can be placed."""
+    say = _say(say)
+    resolved = resolve_model(source, revision=revision, allow_pickle=allow_pickle)
+    reader = CheckpointReader(resolved.folder, allow_pickle=allow_pickle)
+    arch = get_architecture(reader.config)
+    arch.residual_writers(reader.names, reader.config)  # raises, naming unplaced tensors
+    say(f"model: {source} -> {resolved.folder} ({arch.model_type}, {arch.num_layers(reader.config)} layers, "
+        f"width {arch.hidden_size(reader.config)})")
+    return resolved, reader, arch
+
+
+def compute_directions(lm: LoadedModel, prompts: PromptConfig, sources: Sequence[str] = ("response",),
+                       rank_by: str = "selectivity", say: Say | None = None, **kw) -> Directions:
+    say = _say(say)
+    ht, bt, hv, bv = prompts.train_val()
+    say(f"directions: sources {', '.join(sources)}; {len(ht)}+{len(bt)} train, {len(hv)}+{len(bv)} validation prompts")
+    dirs = _compute_directions(lm, ht.prompts, bt.prompts, hv.prompts, bv.prompts, sources=sources, rank_by=rank_by, **kw)
+    dirs.meta["datasets"] = {"harmful_train": ht.describe(), "harmless_train": bt.describe(),
+                             "harmful_val": hv.describe(), "harmless_val": bv.describe()}
+    b = dirs.best
+    say(f"direction: {b.source} layer {b.layer} position {b.position} norm {b.norm:.2f} ({dirs.reason})")
+    return dirs
+
+
+def direction_record(path: Path, dirs: Directions) -> dict:
+    from .checkpoint import sha256_file
+
+    b = dirs.best
+    return {"file": path.name, "sha256": sha256_file(path), "source": b.source, "layer": b.layer,
+            "position": b.position, "norm": b.norm, "selection": dirs.reason,
+            "scores": {k: v for k, v in b.scores.items() if isinstance(v, (int, float, str))}}
+
+
+def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, alpha: float,
+               layers: Sequence[int] | None, include_embedding: bool, overwrite: bool,
+               files: dict[str, bytes | Path] | None = None, manifest: dict | None = None,
+               max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> list[str]:
+    """Stream ``reader`` through ROSI into ``out`` (atomic); returns edited tensor names."""
+    say = _say(say)
+    config = reader.config
+    writers = arch.residual_writers(reader.names, config, include_embedding=include_embedding)
+    targets = {w.name: w for w in rosi_targets(writers, layers, include_embedding)}
+    if not targets:
+        raise SurgeryError("ROSI has no matrix to edit (check --layers)")
+    extra = []
+    config_updates = None
+    emb = arch.find_embedding(reader.names)
+    if include_embedding and emb in targets and arch.tied(config):
+        # The unembedding keeps the original weights: untie explicitly.
+        lm_head = arch.lm_head if isinstance(arch.lm_head, str) else "lm_head.weight"
+        extra.append((lm_head, lambda: reader.get(emb)))
+        config_updates = {"tie_word_embeddings": False}
+        say(f"note: {emb} is tied to the unembedding; the output is untied ({lm_head} keeps the original weights)")
+    r = r_hat.to(torch.float32)
+
+    def edit(name, tensor):
+        w = targets.get(name)
+        return None if w is None else rosi_update(w, tensor, r, alpha)
+
+    with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as wr:
+        edited = stream_rewrite(reader, wr, edit, extra=extra or None)
+        copy_aux_files(reader.folder if hasattr(reader, "folder") else reader.config_path.parent, wr.tmp_dir, config_updates)
+        for rel, content in (files or {}).items():
+            dst = wr.tmp_dir / rel
+            if isinstance(content, Path):
+                shutil.copyfile(content, dst)
+            else:
+                dst.write_bytes(content)
+        if manifest is not None:
+            m = dict(manifest)
+            m["edited"] = {"count": len(edited), "tensors": edited,
+                           "untied_lm_head": bool(config_updates)}
+            write_manifest(wr.tmp_dir, m)
+    say(f"wrote {out} ({len(edited)} tensors edited)")
+    return edited
+
+
+@dataclass
+class RosiResult:
+    out: Path
+    alpha: float
+    direction: dict
+    sweep: list[dict] = field(default_factory=list)
+    evaluation: dict | None = None
+
+
+def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
+         direction_file: str | Path | None = None, sources: Sequence[str] = ("response",), rank_by: str = "selectivity",
+         layers: Sequence[int] | None = None, include_embedding: bool = False, prompts: PromptConfig | None = None,
+         max_over_refusal: float = 0.10, max_kl: float = 0.3, run_eval: bool = True, eval_tokens: int = 48,
+         overwrite: bool = False, revision: str | None = None, allow_pickle: bool = False, device: str | None = None,
+         max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> RosiResult:
+    say = _say(say)
+    out = Path(out)
+    CheckpointWriter.check_target(out, overwrite)
+    prompts = prompts or PromptConfig()
+    resolved, reader, arch = open_model(source, revision, allow_pickle, say)
+    with reader:
+        d = arch.hidden_size(reader.config)
+        dirs = Directions.load(direction_file) if direction_file else None
+        if dirs is not None:
+            dirs.check_width(d, f"model {source}")
+        ht, bt, hv, bv = prompts.train_val()  # validates prompt sources before loading the model
+        lm = load_model(resolved.folder, device=device)
+        tmp_dir = Path(out.parent) / f".{out.name}.work"
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(parents=True)
+        try:
+            if dirs is None:
+                dirs = compute_directions(lm, prompts, sources, rank_by, say)
+            dir_path = dirs.save(tmp_dir / "direction.safetensors")
+            r_hat = unit(dirs.best.vector)
+            points: list[dict] = []
+            if alpha is None:
+                say(f"alpha sweep on the validation split ({len(hv)} harmful, {len(bv)} harmless): {list(alphas)}")
+                points = tuning.sweep(lm, lambda a: rosi_in_memory(lm, r_hat, a, layers), alphas, list(hv.prompts),
+                                      list(bv.prompts), progress=lambda p: say(
+                                          f"  alpha {p['value']:g}: harmful {p['harmful_refusal']:.0%}, "
+                                          f"harmless {p['harmless_refusal']:.0%}, KL {p['kl']:.3f}"))
+                best, why = tuning.choose(points, max_over_refusal, max_kl)
+                alpha = best["value"]
+                say(f"alpha = {alpha:g}: {why}")
+            else:
+                why = "given"
+            params = {"alpha": alpha, "alpha_choice": why, "layers": list(layers) if layers is not None else "all",
+                      "include_embedding": include_embedding, "matrices": "attention and MLP output projections "
+                      "(every expert); biases untouched", "formula": "W' = W + alpha * r_hat * W.mean(dim=0)^T",
+                      "compute_dtype": "float32", "max_over_refusal": max_over_refusal, "max_kl": max_kl,
+                      "sweep": points}
+            datasets = dirs.meta.get("datasets", {})
+            manifest = build_manifest(input_info=input_info(resolved, reader), method="rosi", parameters=params,
+                                      datasets=datasets, direction=direction_record(dir_path, dirs))
+            json_path = Path(str(dir_path) + ".json")
+            write_rosi(reader, arch, out, r_hat, alpha, layers, include_embedding, overwrite,
+                       files={"direction.safetensors": dir_path, "direction.safetensors.json": json_path},
+                       manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        result = RosiResult(out, alpha, manifest["direction"], points)
+        if run_eval:
+            patched = load_model(out, device=device)
+            result.evaluation = evaluate_models(lm, patched, prompts, eval_tokens, say)
+            update_manifest(out, evaluation=result.evaluation)
+        return result
+
+
+def test_sets(prompts: PromptConfig) -> dict[str, PromptSet]:
+    sets = {"harmful": prompts.load("harmful", "test"), "harmless": prompts.load("harmless", "test")}
+    if prompts.borderline:
+        sets["borderline"] = prompts.load("borderline", "test")
+    return sets
+
+
+def evaluate_models(base: LoadedModel, patched: LoadedModel, prompts: PromptConfig | None = None,
+                    max_new_tokens: int = 48, say: Say | None = None) -> dict:
+    """Before/after evaluation on the held-out test split."""
+    say = _say(say)
+    prompts = prompts or PromptConfig()
+    sets = test_sets(prompts)
+    say("evaluating on the test split: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+    cache: dict = {}
+    before = evaluate(base, sets, reference=base, max_new_tokens=max_new_tokens, reference_cache=cache)
+    after = evaluate(patched, sets, reference=base, max_new_tokens=max_new_tokens, reference_cache=cache)
+    table = format_table({"original": summary_row(before), "patched": summary_row(after)})
+    say("\n" + table)
+    return {"before": before, "after": after, "table": table}
