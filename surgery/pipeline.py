@@ -156,7 +156,7 @@ def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, a
             m = dict(manifest)
             m["edited"] = {"count": len(edited), "tensors": edited,
                            "untied_lm_head": bool(config_updates)}
-            write_manifest(wr.tmp_dir, m)
+            wr.finalizers.append(lambda tmp: write_manifest(tmp, m))
     say(f"wrote {out} ({len(edited)} tensors edited)")
     return edited
 

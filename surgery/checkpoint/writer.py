@@ -114,6 +114,9 @@ class CheckpointWriter:
         self._created: set[int] = set()
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._done = False
+        #: callables run with the temporary folder once shards and index are final,
+        #: just before the rename (e.g. writing a manifest that hashes every file).
+        self.finalizers: list = []
 
     # -- target checks ---------------------------------------------------------
     @staticmethod
@@ -330,6 +333,8 @@ class CheckpointWriter:
                     os.fsync(f.fileno())
         except OSError as e:
             raise CheckpointError(f"cannot finalize {tmp}: {_one_line(e)}") from None
+        for fn in self.finalizers:
+            fn(tmp)
 
         out = self.out_dir
         old: Path | None = None
