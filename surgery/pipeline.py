@@ -133,7 +133,7 @@ def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, a
     emb = arch.find_embedding(reader.names)
     if include_embedding and emb in targets and arch.tied(config):
         # The unembedding keeps the original weights: untie explicitly.
-        lm_head = arch.lm_head if isinstance(arch.lm_head, str) else "lm_head.weight"
+        lm_head = arch.lm_head_names[0]
         extra.append((lm_head, lambda: reader.get(emb)))
         config_updates = {"tie_word_embeddings": False}
         say(f"note: {emb} is tied to the unembedding; the output is untied ({lm_head} keeps the original weights)")

@@ -1,0 +1,21 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory):
+    """A tiny random llama with an offline tokenizer and chat template."""
+    from tiny_chat import make_tiny_chat_model
+
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_untied(tmp_path_factory):
+    from tiny_chat import make_tiny_chat_model
+
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat_untied") / "model", tie=False)

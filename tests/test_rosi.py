@@ -1,0 +1,227 @@
+"""ROSI: the per-tensor formula against float64, the streamed output against the
+input (edited tensors = formula, the rest byte-identical), tied embeddings,
+every covered architecture, manifest + verify, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from surgery.architectures import WriterTensor, get_architecture
+from surgery.checkpoint import CheckpointReader
+from surgery.cli import main as cli
+from surgery.directions import Candidate, Directions
+from surgery.edits.rosi import rosi_update
+from surgery.errors import SurgeryError
+from surgery.manifest import read_manifest, verify
+from surgery.pipeline import PromptConfig, rosi, write_rosi
+from tiny_models import TINY_MODEL_TYPES, make_tiny_checkpoint
+
+
+def rosi64(m_out_in: torch.Tensor, r: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Independent float64 recomputation on a (d, d_in) matrix."""
+    m = m_out_in.double()
+    r = r.double() / r.double().norm()
+    return m + alpha * torch.outer(r, m.mean(dim=0))
+
+
+@pytest.mark.parametrize("layout,shape", [("out_in", (8, 5)), ("in_out", (5, 8)), ("rows", (11, 8)),
+                                          ("experts_out_in", (3, 8, 5)), ("experts_in_out", (3, 5, 8))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rosi_update_matches_float64(layout, shape, dtype):
+    torch.manual_seed(0)
+    w = WriterTensor("x", "mlp_out", layout, 0, None)
+    t = torch.randn(shape).to(dtype)
+    r = torch.randn(8)
+    new = rosi_update(w, t, r / r.norm(), 3.0)
+    assert new.dtype == dtype and new.shape == t.shape
+    m = w.as_out_in(t.double())
+    if m.dim() == 2:
+        ref = rosi64(m, r, 3.0)
+    else:
+        ref = torch.stack([rosi64(m[e], r, 3.0) for e in range(m.shape[0])])
+    got = w.as_out_in(new.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, ref.to(dtype).double(), rtol=tol, atol=tol)
+    # rank one per matrix
+    delta = (got - m).reshape(-1, *got.shape[-2:]) if got.dim() == 3 else (got - m)[None]
+    for dm in delta:
+        s = torch.linalg.svdvals(dm.double())
+        assert s[1] <= 1e-2 * s[0] + (5e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def _direction_file(folder: Path, d: int, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    dirs = Directions([Candidate("response", 1, "reply[0:4]", torch.randn(d, dtype=torch.float64))], 0, "test")
+    return dirs.save(folder / "dir.safetensors")
+
+
+def _check_output(src: Path, out: Path, r: torch.Tensor, alpha: float, tied_untie: bool = False):
+    with CheckpointReader(src) as a, CheckpointReader(out) as b:
+        arch = get_architecture(a.config)
+        targets = {w.name: w for w in arch.residual_writers(a.names, a.config) if w.layout != "bias"}
+        edited = 0
+        for name in a.names:
+            x, y = a.get(name), b.get(name)
+            if name in targets:
+                w = targets[name]
+                mx = w.as_out_in(x.double())
+                ref = rosi64(mx, r, alpha) if mx.dim() == 2 else torch.stack([rosi64(mx[e], r, alpha) for e in range(mx.shape[0])])
+                torch.testing.assert_close(w.as_out_in(y.double()), ref.to(x.dtype).double(), rtol=1e-5, atol=1e-5)
+                edited += 1
+            else:
+                assert x.dtype == y.dtype
+                assert x.contiguous().view(torch.uint8).numpy().tobytes() == y.contiguous().view(torch.uint8).numpy().tobytes(), name
+        assert edited == len(targets) > 0
+        return a.names, b.names
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_rosi_stream_every_architecture(tmp_path, model_type):
+    src = make_tiny_checkpoint(model_type, tmp_path / "src")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    with CheckpointReader(src) as reader:
+        arch = get_architecture(reader.config)
+        d = arch.hidden_size(reader.config)
+        r = torch.randn(d)
+        edited = write_rosi(reader, arch, tmp_path / "out", r / r.norm(), 2.5, None, False, False)
+    assert edited
+    _check_output(src, tmp_path / "out", r, 2.5)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # input untouched
+
+
+def test_rosi_pipeline_outputs_loadable_verified_checkpoint(tmp_path, tiny_chat):
+    from transformers import AutoModelForCausalLM
+
+    dfile = _direction_file(tmp_path, 32)
+    out = tmp_path / "out"
+    res = rosi(str(tiny_chat), out, alpha=4.0, direction_file=dfile, run_eval=False,
+               prompts=PromptConfig(n_train=8, n_val=4))
+    assert res.alpha == 4.0
+    r = Directions.load(dfile).best.vector.float()
+    _check_output(tiny_chat, out, r, 4.0)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.tie_word_embeddings
+    m = read_manifest(out)
+    assert m["method"]["name"] == "rosi" and m["method"]["parameters"]["alpha"] == 4.0
+    assert m["direction"]["layer"] == 1 and m["input"]["weight_files"]
+    assert set(m["outputs"]) >= {"model.safetensors.index.json", "config.json", "direction.safetensors"}
+    assert m["edited"]["count"] == 8  # 4 layers x (o_proj, down_proj)
+    assert verify(out) == []
+    # one byte changed in any output file -> verify names it
+    for rel in ("model-00001-of-00001.safetensors", "tokenizer.json", "direction.safetensors"):
+        p = out / rel
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
+        probs = verify(out)
+        assert len(probs) == 1 and rel in probs[0]
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
+    assert verify(out) == []
+    runner = CliRunner()
+    assert runner.invoke(cli, ["verify", str(out)]).exit_code == 0
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    r2 = runner.invoke(cli, ["verify", str(out)])
+    assert r2.exit_code == 1 and "config.json" in r2.output
+
+
+def test_tied_embedding_is_untied_explicitly(tmp_path, tiny_chat):
+    from transformers import AutoModelForCausalLM
+
+    dfile = _direction_file(tmp_path, 32)
+    out = tmp_path / "out"
+    rosi(str(tiny_chat), out, alpha=2.0, direction_file=dfile, include_embedding=True, run_eval=False,
+         prompts=PromptConfig(n_train=8, n_val=4))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(out) as b:
+        assert "lm_head.weight" not in a.names
+        assert torch.equal(b.get("lm_head.weight"), a.get("model.embed_tokens.weight"))
+        assert not torch.equal(b.get("model.embed_tokens.weight"), a.get("model.embed_tokens.weight"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, b_emb := model.lm_head.weight) and b_emb.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert read_manifest(out)["edited"]["untied_lm_head"] is True
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _assert_clean_failure(tmp_path, src, fn, match):
+    before = _snapshot(src)
+    listing = set(os.listdir(tmp_path))
+    with pytest.raises(SurgeryError, match=match) as ei:
+        fn()
+    assert "\n" not in str(ei.value)
+    assert _snapshot(src) == before
+    assert set(os.listdir(tmp_path)) == listing  # no output, no temp folder left behind
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, tiny_chat):
+    import shutil
+
+    pc = PromptConfig(n_train=8, n_val=4)
+    src = tmp_path / "src"
+    shutil.copytree(tiny_chat, src)
+    dfile = _direction_file(tmp_path, 32)
+    out = tmp_path / "out"
+    # direction of the wrong width
+    bad_dir = _direction_file(tmp_path / "w", 48)
+    _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alpha=1.0, direction_file=bad_dir, run_eval=False, prompts=pc),
+                          "width 48")
+    # empty prompt file
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alpha=1.0, direction_file=dfile, run_eval=False,
+                                                      prompts=PromptConfig(harmful=str(empty))), "empty")
+    # output folder exists
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alpha=1.0, direction_file=dfile, run_eval=False, prompts=pc),
+                          "output folder exists")
+    assert (out / "keep.txt").read_text() == "mine"
+    shutil.rmtree(out)
+    # unknown architecture
+    weird = tmp_path / "weird"
+    shutil.copytree(src, weird)
+    cfg = json.loads((weird / "config.json").read_text())
+    cfg["model_type"] = "frobnicator"
+    (weird / "config.json").write_text(json.dumps(cfg))
+    _assert_clean_failure(tmp_path, weird, lambda: rosi(str(weird), out, alpha=1.0, direction_file=dfile, run_eval=False, prompts=pc),
+                          "frobnicator")
+    # truncated safetensors header
+    trunc = tmp_path / "trunc"
+    shutil.copytree(src, trunc)
+    shard = next(trunc.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:20])
+    _assert_clean_failure(tmp_path, trunc, lambda: rosi(str(trunc), out, alpha=1.0, direction_file=dfile, run_eval=False, prompts=pc),
+                          shard.name)
+
+
+def test_missing_shard_fails_naming_it(tmp_path):
+    src = make_tiny_checkpoint("llama", tmp_path / "src")
+    # split into an index pointing at a shard that is not there
+    shard = next(src.glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        names = list(f.keys())
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00002.safetensors" for n in names}}))
+    shard.unlink()
+    dfile = _direction_file(tmp_path, 32)
+    _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), tmp_path / "out", alpha=1.0, direction_file=dfile,
+                                                      run_eval=False, prompts=PromptConfig(n_train=8, n_val=4)),
+                          "model-00001-of-00002.safetensors")
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path, tiny_chat):
+    out = tmp_path / "out"
+    out.mkdir()
+    r = CliRunner().invoke(cli, ["rosi", str(tiny_chat), "-o", str(out), "--alpha", "1"])
+    assert r.exit_code == 2
+    assert r.output.strip().count("\n") == 0 and "output folder exists" in r.output
