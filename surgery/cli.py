@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import SurgeryError
+from .pipeline import DEFAULT_ALPHAS
 
 
 def _say(msg: str) -> None:
@@ -108,7 +109,8 @@ def directions(model, out, sources, rank_by, harmful, harmless, borderline, colu
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
 @click.option("--alpha", type=float, default=None, help="Injection strength (default: chosen by a sweep on the validation split).")
-@click.option("--alphas", default="10,20,25,30,35,40", show_default=True, help="Strengths to sweep when --alpha is not given.")
+@click.option("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS), show_default=True,
+              help="Strengths to sweep when --alpha is not given.")
 @click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
               help="A direction file from `surgery directions` (default: computed now).")
 @click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),

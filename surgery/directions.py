@@ -23,11 +23,14 @@ proxies (no generation):
               its layer (Arditi: must be > 0);
 ``induce_harmful`` the same on harmful validation prompts;
 ``kl``        first-token KL on harmless prompts under ablation (must be < 0.1);
-and candidates from the last 20% of layers are dropped.  Survivors are ranked by
+and candidates from the last 20% of layers are dropped.  The ablation scores
+(bypass, kl) cost two of the four passes and are computed only for the
+``bypass`` ranking (or with ``full_scores``); ``kl_induce`` is the first-token KL
+on harmless prompts with ``r`` added.  Survivors are ranked by
 ``rank_by``: ``bypass`` (Arditi's default, for models that refuse) or
 ``selectivity`` = ``induce_harmful - induce`` (our default for hardening: we
 want a direction that pushes harmful requests towards refusal more than harmless
-ones).  When no candidate survives the filters, the best-ranked one overall is
+ones; Arditi's kl and induce filters guard an *ablation* and are not applied to it).  When no candidate survives the filters, the best-ranked one overall is
 chosen with a warning instead of failing.
 """
 from __future__ import annotations
@@ -157,24 +160,28 @@ def prompt_candidates(lm: LoadedModel, harmful: Sequence[str], harmless: Sequenc
 
 
 @torch.no_grad()
-def response_candidates(lm: LoadedModel, harmful: Sequence[str], refusal: str = DEFAULT_REFUSAL, k: int = 4,
-                        batch_size: int = 16) -> list[Candidate]:
-    """Refusal-reply minus own-reply activations over the first ``k`` reply tokens."""
+def response_candidates(lm: LoadedModel, harmful: Sequence[str], refusal: str | Sequence[str] = DEFAULT_REFUSAL,
+                        k: int = 4, batch_size: int = 16) -> list[Candidate]:
+    """Refusal-reply minus own-reply activations over the first ``k`` reply
+    tokens.  ``refusal`` may be several texts: prompt ``i`` gets text ``i mod n``."""
     from .evaluation.generate import generate
 
     tok = lm.tokenizer
+    refusals = [refusal] if isinstance(refusal, str) else list(refusal)
     texts = [format_chat(tok, p) for p in harmful]
     _, own = generate(lm, harmful, max_new_tokens=k, batch_size=batch_size, return_ids=True)
-    ref_ids = tok(refusal, add_special_tokens=False)["input_ids"][:k]
-    if len(ref_ids) < k:
-        raise DirectionError(f"refusal text is shorter than {k} tokens: {refusal!r}")
+    ref_ids = [tok(r, add_special_tokens=False)["input_ids"][:k] for r in refusals]
+    for r, ids in zip(refusals, ref_ids):
+        if len(ids) < k:
+            raise DirectionError(f"refusal text is shorter than {k} tokens: {r!r}")
     # Prompts whose own reply is shorter than k tokens (immediate EOS) are dropped.
     keep = [i for i, ids in enumerate(own) if len(ids) >= k]
     if not keep:
         raise DirectionError("the model's replies to the harmful prompts are all shorter than the reply window")
     pos = list(range(-k, 0))
     sub = [texts[i] for i in keep]
-    refu = mean_residuals(lm, sub, pos, suffixes=[ref_ids] * len(sub), batch_size=batch_size, average_positions=True)
+    refu = mean_residuals(lm, sub, pos, suffixes=[ref_ids[i % len(ref_ids)] for i in keep], batch_size=batch_size,
+                          average_positions=True)
     comp = mean_residuals(lm, sub, pos, suffixes=[own[i][:k] for i in keep], batch_size=batch_size, average_positions=True)
     diff = (refu - comp)[0]
     return [Candidate("response", layer, f"reply[0:{k}]", diff[layer].clone()) for layer in range(lm.num_layers)]
@@ -201,17 +208,25 @@ def scoring_data(lm: LoadedModel, harmful_val: Sequence[str], harmless_val: Sequ
     return ScoringData(ht, bt, ids, refusal_score_from_logprobs(lh, ids), refusal_score_from_logprobs(lb, ids), lb)
 
 
-def score_candidate(lm: LoadedModel, c: Candidate, data: ScoringData, batch_size: int = 16) -> dict:
-    with ablated(lm, c.vector):
-        lh = last_logprobs(lm, data.harmful_texts, batch_size)
-        lb = last_logprobs(lm, data.harmless_texts, batch_size)
-    bypass = refusal_score_from_logprobs(lh, data.refusal_ids).mean().item()
-    kl = kl_div(data.base_harmless_logp, lb).mean().item()
+def score_candidate(lm: LoadedModel, c: Candidate, data: ScoringData, batch_size: int = 16,
+                    ablation: bool = True) -> dict:
+    """Refusal-score proxies for one candidate.  ``ablation=False`` skips the
+    two ablation passes (bypass, kl), which only the ``bypass`` ranking needs."""
+    out = {}
+    if ablation:
+        with ablated(lm, c.vector):
+            lh = last_logprobs(lm, data.harmful_texts, batch_size)
+            lb = last_logprobs(lm, data.harmless_texts, batch_size)
+        out["bypass"] = refusal_score_from_logprobs(lh, data.refusal_ids).mean().item()
+        out["kl"] = kl_div(data.base_harmless_logp, lb).mean().item()
     v = c.vector.to(torch.float32)
     with add_at(lm, c.layer, v):
-        ib = refusal_score_from_logprobs(last_logprobs(lm, data.harmless_texts, batch_size), data.refusal_ids).mean().item()
+        lb = last_logprobs(lm, data.harmless_texts, batch_size)
+        ib = refusal_score_from_logprobs(lb, data.refusal_ids).mean().item()
         ih = refusal_score_from_logprobs(last_logprobs(lm, data.harmful_texts, batch_size), data.refusal_ids).mean().item()
-    return {"bypass": bypass, "induce": ib, "induce_harmful": ih, "selectivity": ih - ib, "kl": kl}
+    out.update({"induce": ib, "induce_harmful": ih, "selectivity": ih - ib,
+                "kl_induce": kl_div(data.base_harmless_logp, lb).mean().item()})
+    return out
 
 
 def add_at(lm: LoadedModel, layer: int, v: torch.Tensor):
@@ -240,7 +255,7 @@ def select(candidates: list[Candidate], num_layers: int, rank_by: str = "selecti
             why.append(f"layer >= {cutoff}")
         if c.scores.get("induce", 1.0) <= 0 and rank_by == "bypass":
             why.append("induce <= 0")
-        if c.scores.get("kl", 0.0) >= kl_max:
+        if rank_by == "bypass" and c.scores.get("kl", 0.0) >= kl_max:
             why.append(f"kl >= {kl_max}")
         c.scores["filtered"] = "; ".join(why)
         reasons[i] = why
@@ -248,10 +263,11 @@ def select(candidates: list[Candidate], num_layers: int, rank_by: str = "selecti
     if alive:
         best = min(alive, key=lambda i: key(candidates[i]))
         c = candidates[best]
-        return best, (f"best {rank_by} among {len(alive)} of {len(candidates)} candidates passing the filters "
-                      f"(layer < {cutoff}, kl < {kl_max}{', induce > 0' if rank_by == 'bypass' else ''})")
+        filters = f"layer < {cutoff}" + (f", kl < {kl_max}, induce > 0" if rank_by == "bypass" else "")
+        return best, f"best {rank_by} among {len(alive)} of {len(candidates)} candidates passing the filters ({filters})"
     best = min(range(len(candidates)), key=lambda i: key(candidates[i]))
-    msg = (f"no candidate passed the filters (layer < {cutoff}, kl < {kl_max}); falling back to the best "
+    filters = f"layer < {cutoff}" + (f", kl < {kl_max}, induce > 0" if rank_by == "bypass" else "")
+    msg = (f"no candidate passed the filters ({filters}); falling back to the best "
            f"{rank_by} overall: {candidates[best].source} layer {candidates[best].layer}")
     log.warning(msg)
     return best, msg
@@ -319,8 +335,9 @@ class Directions:
 def compute_directions(lm: LoadedModel, harmful_train: Sequence[str], harmless_train: Sequence[str],
                        harmful_val: Sequence[str], harmless_val: Sequence[str], sources: Sequence[str] = ("response",),
                        rank_by: str = "selectivity", system_prompt: str = SAFETY_SYSTEM_PROMPT,
-                       refusal: str = DEFAULT_REFUSAL, reply_tokens: int = 4, positions: Sequence[int] | None = None,
-                       layers: Sequence[int] | None = None, batch_size: int = 16, progress=None) -> Directions:
+                       refusal: str | Sequence[str] = DEFAULT_REFUSAL, reply_tokens: int = 4, positions: Sequence[int] | None = None,
+                       layers: Sequence[int] | None = None, batch_size: int = 16, progress=None,
+                       full_scores: bool = False) -> Directions:
     for s in sources:
         if s not in SOURCES:
             raise DirectionError(f"unknown direction source {s!r}; choose from {', '.join(SOURCES)}")
@@ -343,7 +360,7 @@ def compute_directions(lm: LoadedModel, harmful_train: Sequence[str], harmless_t
             c.scores = {"skipped": "layer cut-off"}
             c.scores.update({"bypass": float("inf"), "induce": 0.0, "induce_harmful": 0.0, "selectivity": float("-inf"), "kl": float("inf")})
             continue
-        c.scores = score_candidate(lm, c, data, batch_size)
+        c.scores = score_candidate(lm, c, data, batch_size, ablation=full_scores or rank_by == "bypass")
         if progress:
             progress(i, len(cands), c)
     chosen, reason = select(cands, lm.num_layers, rank_by)

@@ -100,6 +100,13 @@ def compute_directions(lm: LoadedModel, prompts: PromptConfig, sources: Sequence
     say = _say(say)
     ht, bt, hv, bv = prompts.train_val()
     say(f"directions: sources {', '.join(sources)}; {len(ht)}+{len(bt)} train, {len(hv)}+{len(bv)} validation prompts")
+    def progress(i, n, c):
+        sc = c.scores
+        extra = f", bypass {sc['bypass']:+.2f}, kl {sc['kl']:.3f}" if "bypass" in sc else ""
+        say(f"  [{i + 1}/{n}] {c.source} layer {c.layer}: refusal score with r added: harmful "
+            f"{sc['induce_harmful']:+.2f}, harmless {sc['induce']:+.2f}{extra}")
+
+    kw.setdefault("progress", progress)
     dirs = _compute_directions(lm, ht.prompts, bt.prompts, hv.prompts, bv.prompts, sources=sources, rank_by=rank_by, **kw)
     dirs.meta["datasets"] = {"harmful_train": ht.describe(), "harmless_train": bt.describe(),
                              "harmful_val": hv.describe(), "harmless_val": bv.describe()}
@@ -200,7 +207,8 @@ def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Se
             points: list[dict] = []
             if alpha is None:
                 say(f"alpha sweep on the validation split ({len(hv)} harmful, {len(bv)} harmless): {list(alphas)}")
-                points = tuning.sweep(lm, lambda a: rosi_in_memory(lm, r_hat, a, layers), alphas, list(hv.prompts),
+                values = [0.0] + [a for a in alphas if a != 0]  # the unedited model is the sweep's first row
+                points = tuning.sweep(lm, lambda a: rosi_in_memory(lm, r_hat, a, layers), values, list(hv.prompts),
                                       list(bv.prompts), progress=lambda p: say(
                                           f"  alpha {p['value']:g}: harmful {p['harmful_refusal']:.0%}, "
                                           f"harmless {p['harmless_refusal']:.0%}, KL {p['kl']:.3f}"))

@@ -225,3 +225,20 @@ def test_cli_error_is_one_line_exit_2(tmp_path, tiny_chat):
     r = CliRunner().invoke(cli, ["rosi", str(tiny_chat), "-o", str(out), "--alpha", "1"])
     assert r.exit_code == 2
     assert r.output.strip().count("\n") == 0 and "output folder exists" in r.output
+
+
+def test_rosi_peak_memory_flat_in_layers():
+    """Hardening 4x more layers must not grow peak RSS by more than a quarter of the extra checkpoint bytes."""
+    sys_path = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    import sys
+
+    sys.path.insert(0, sys_path)
+    try:
+        from rosi_memory import run_benchmark
+    finally:
+        sys.path.remove(sys_path)
+    small, big = run_benchmark((4, 16), dim=384)
+    grow = big["peak_bytes"] - small["peak_bytes"]
+    extra = big["checkpoint_bytes"] - small["checkpoint_bytes"]
+    assert extra > 40 * 2**20
+    assert grow < 0.25 * extra, (grow, extra)
