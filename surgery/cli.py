@@ -117,7 +117,7 @@ def directions(model, out, sources, rank_by, harmful, harmless, borderline, colu
               help="Direction candidate sources when computing (default: response).")
 @click.option("--layers", default=None, help="Edit only these layers, e.g. 0-12 (default: all).")
 @click.option("--include-embedding", is_flag=True, help="Also edit the token embedding (unties a tied unembedding).")
-@click.option("--max-over-refusal", type=float, default=0.10, show_default=True, help="Sweep budget: harmless refusal on validation.")
+@click.option("--max-over-refusal", type=float, default=0.15, show_default=True, help="Sweep budget: harmless refusal on validation.")
 @click.option("--max-kl", type=float, default=0.3, show_default=True, help="Sweep budget: first-token KL on validation.")
 @click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")

@@ -31,7 +31,7 @@ from . import tuning
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 
-DEFAULT_ALPHAS = (10.0, 20.0, 25.0, 30.0, 35.0, 40.0)
+DEFAULT_ALPHAS = (15.0, 20.0, 25.0, 30.0, 33.0, 36.0, 40.0, 45.0)
 
 
 def hash_split(prompt: str) -> str:
@@ -180,7 +180,7 @@ class RosiResult:
 def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
          direction_file: str | Path | None = None, sources: Sequence[str] = ("response",), rank_by: str = "selectivity",
          layers: Sequence[int] | None = None, include_embedding: bool = False, prompts: PromptConfig | None = None,
-         max_over_refusal: float = 0.10, max_kl: float = 0.3, run_eval: bool = True, eval_tokens: int = 48,
+         max_over_refusal: float = 0.15, max_kl: float = 0.3, run_eval: bool = True, eval_tokens: int = 48,
          overwrite: bool = False, revision: str | None = None, allow_pickle: bool = False, device: str | None = None,
          max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> RosiResult:
     say = _say(say)
