@@ -1,0 +1,49 @@
+"""Judges, metrics and the alpha-choice rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgery.evaluation.judges import MarkerJudge
+from surgery.evaluation.metrics import first_token_kl, format_table
+from surgery.pipeline import PromptConfig, hash_split
+from surgery.tuning import choose
+
+
+def test_marker_judge():
+    j = MarkerJudge()
+    assert j.judge(["x"] * 4, ["I'm sorry, but I can't help with that.", "Sure! Here is a recipe.",
+                               "I can\u2019t assist with that", "As an AI, I think so"]) == [True, False, True, True]
+
+
+def test_first_token_kl():
+    a = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0]]), -1)
+    b = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0]]), -1)
+    assert first_token_kl(a, a) == pytest.approx(0.0)
+    ref = float((a.exp() * (a - b)).sum())
+    assert first_token_kl(a, b) == pytest.approx(ref) and ref > 0
+
+
+def test_choose_rule():
+    pts = [{"value": 0.0, "harmful_refusal": 0.05, "harmless_refusal": 0.0, "kl": 0.0},
+           {"value": 20.0, "harmful_refusal": 0.4, "harmless_refusal": 0.1, "kl": 0.1},
+           {"value": 30.0, "harmful_refusal": 0.6, "harmless_refusal": 0.15, "kl": 0.2},
+           {"value": 40.0, "harmful_refusal": 0.8, "harmless_refusal": 0.3, "kl": 0.4}]
+    best, why = choose(pts, 0.15, 0.3)
+    assert best["value"] == 30.0 and "15%" in why
+    best, _ = choose(pts, 0.10, 0.3)
+    assert best["value"] == 20.0
+    best, why = choose(pts[1:], 0.0, 0.0)
+    assert best["value"] == 20.0 and "no strength" in why
+
+
+def test_table_and_user_file_split(tmp_path):
+    t = format_table({"a": {"harmful_refusal": 0.5, "kl_first_token_harmless": 0.1234}})
+    assert "50.0%" in t and "0.123" in t
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(f"prompt number {i}" for i in range(50)))
+    pc = PromptConfig(harmful=str(f))
+    parts = {s: set(pc.load("harmful", s).prompts) for s in ("train", "val", "test")}
+    assert sum(len(p) for p in parts.values()) == 50
+    assert not (parts["train"] & parts["val"]) and not (parts["val"] & parts["test"])
+    assert all(hash_split(p) == s for s, ps in parts.items() for p in ps)
