@@ -110,6 +110,8 @@ def compute_directions(lm: LoadedModel, prompts: PromptConfig, sources: Sequence
     dirs = _compute_directions(lm, ht.prompts, bt.prompts, hv.prompts, bv.prompts, sources=sources, rank_by=rank_by, **kw)
     dirs.meta["datasets"] = {"harmful_train": ht.describe(), "harmless_train": bt.describe(),
                              "harmful_val": hv.describe(), "harmless_val": bv.describe()}
+    dirs.meta["model"] = {"folder": str(lm.folder), "model_type": lm.arch.model_type,
+                          "num_layers": lm.num_layers, "hidden_size": lm.hidden_size}
     b = dirs.best
     say(f"direction: {b.source} layer {b.layer} position {b.position} norm {b.norm:.2f} ({dirs.reason})")
     return dirs
@@ -208,8 +210,9 @@ def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Se
             if alpha is None:
                 say(f"alpha sweep on the validation split ({len(hv)} harmful, {len(bv)} harmless): {list(alphas)}")
                 values = [0.0] + [a for a in alphas if a != 0]  # the unedited model is the sweep's first row
+                # judged on replies as long as the final evaluation's, so the budgets mean the same thing
                 points = tuning.sweep(lm, lambda a: rosi_in_memory(lm, r_hat, a, layers), values, list(hv.prompts),
-                                      list(bv.prompts), progress=lambda p: say(
+                                      list(bv.prompts), max_new_tokens=eval_tokens, progress=lambda p: say(
                                           f"  alpha {p['value']:g}: harmful {p['harmful_refusal']:.0%}, "
                                           f"harmless {p['harmless_refusal']:.0%}, KL {p['kl']:.3f}"))
                 best, why = tuning.choose(points, max_over_refusal, max_kl)
@@ -222,7 +225,9 @@ def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Se
                       "(every expert); biases untouched", "formula": "W' = W + alpha * r_hat * W.mean(dim=0)^T",
                       "compute_dtype": "float32", "max_over_refusal": max_over_refusal, "max_kl": max_kl,
                       "sweep": points}
-            datasets = dirs.meta.get("datasets", {})
+            datasets = dict(dirs.meta.get("datasets", {}))
+            if points:
+                datasets.update({"sweep_harmful_val": hv.describe(), "sweep_harmless_val": bv.describe()})
             manifest = build_manifest(input_info=input_info(resolved, reader), method="rosi", parameters=params,
                                       datasets=datasets, direction=direction_record(dir_path, dirs))
             json_path = Path(str(dir_path) + ".json")
