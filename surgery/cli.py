@@ -145,16 +145,20 @@ def rosi(model, out, alpha, alphas, direction_file, sources, layers, include_emb
 @click.option("--reference", default=None, help="Reference model for KL and perplexity (e.g. the original).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--limit", type=int, default=None, help="At most N prompts per set (a deterministic subset).")
 @prompt_options
 @model_options
-def eval_cmd(model, reference, max_new_tokens, json_out, harmful, harmless, borderline, column, revision, allow_pickle, device):
+def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmless, borderline, column, revision,
+             allow_pickle, device):
     """Refusal on harmful prompts, over-refusal on harmless/borderline ones, drift vs a reference."""
     from .evaluation.metrics import evaluate, format_table, summary_row
     from .model import load_model
     from .pipeline import open_model, test_sets
 
     prompts = _prompts(harmful, harmless, borderline, column)
-    sets = test_sets(prompts)
+    sets = test_sets(prompts, whole_user_files=True)
+    if limit:
+        sets = {k: v.subset(limit) for k, v in sets.items()}
     rows, reports = {}, {}
     ref_lm = None
     if reference:

@@ -244,10 +244,18 @@ def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Se
         return result
 
 
-def test_sets(prompts: PromptConfig) -> dict[str, PromptSet]:
-    sets = {"harmful": prompts.load("harmful", "test"), "harmless": prompts.load("harmless", "test")}
-    if prompts.borderline:
-        sets["borderline"] = prompts.load("borderline", "test")
+def test_sets(prompts: PromptConfig, whole_user_files: bool = False) -> dict[str, PromptSet]:
+    """The held-out sets: the built-in sets' test split; for user sources their
+    hash-split test part, or the whole source with ``whole_user_files`` (what
+    ``surgery eval`` does: a file given only for evaluation is used entirely)."""
+    names = ["harmful", "harmless"] + (["borderline"] if prompts.borderline else [])
+    sets = {}
+    for name in names:
+        src = getattr(prompts, name)
+        if whole_user_files and not src.startswith("builtin:"):
+            sets[name] = load_prompts(src, column=prompts.column)
+        else:
+            sets[name] = prompts.load(name, "test")
     return sets
 
 

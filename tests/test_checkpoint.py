@@ -739,3 +739,14 @@ def test_stream_memory_is_flat(tmp_path):
 
 def test_errors_are_surgery_errors():
     assert issubclass(CheckpointError, SurgeryError)
+
+
+def test_output_folder_has_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.plan([("a", torch.float32, (2,))])
+            w.write("a", torch.zeros(2))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

@@ -153,6 +153,10 @@ class CheckpointWriter:
             try:
                 parent.mkdir(parents=True, exist_ok=True)
                 self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+                # mkdtemp makes the folder private (0700); the output is an ordinary folder
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self._tmp, 0o777 & ~umask)
             except OSError as e:
                 raise CheckpointError(f"cannot create a temporary folder next to {self.out_dir}: {_one_line(e)}") from None
         return self._tmp
