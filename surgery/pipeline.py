@@ -152,9 +152,20 @@ def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, a
         w = targets.get(name)
         return None if w is None else rosi_update(w, tensor, r, alpha)
 
+    return write_edited(reader, out, edit, overwrite=overwrite, extra=extra, config_updates=config_updates,
+                        files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
+
+
+def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool = False, extra=None,
+                 config_updates: dict | None = None, files: dict[str, bytes | Path] | None = None,
+                 manifest: dict | None = None, max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> list[str]:
+    """Stream ``reader`` through ``edit(name, tensor) -> tensor | None`` into ``out``
+    (atomic), with the aux files, extra ``files`` and the manifest (written last,
+    hashing every output file).  Every weight edit method writes through here."""
+    say = _say(say)
     with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as wr:
         edited = stream_rewrite(reader, wr, edit, extra=extra or None)
-        copy_aux_files(reader.folder if hasattr(reader, "folder") else reader.config_path.parent, wr.tmp_dir, config_updates)
+        copy_aux_files(reader.folder, wr.tmp_dir, config_updates)
         for rel, content in (files or {}).items():
             dst = wr.tmp_dir / rel
             if isinstance(content, Path):
@@ -163,8 +174,7 @@ def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, a
                 dst.write_bytes(content)
         if manifest is not None:
             m = dict(manifest)
-            m["edited"] = {"count": len(edited), "tensors": edited,
-                           "untied_lm_head": bool(config_updates)}
+            m["edited"] = {"count": len(edited), "tensors": edited, "untied_lm_head": bool(config_updates)}
             wr.finalizers.append(lambda tmp: write_manifest(tmp, m))
     say(f"wrote {out} ({len(edited)} tensors edited)")
     return edited
