@@ -12,7 +12,6 @@ import click
 
 from . import __version__
 from .errors import SurgeryError
-from .pipeline import DEFAULT_ALPHAS
 
 
 def _say(msg: str) -> None:
@@ -105,39 +104,70 @@ def directions(model, out, sources, rank_by, harmful, harmless, borderline, colu
     _say(f"saved {path} and {path}.json")
 
 
-@main.command()
-@click.argument("model")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
-@click.option("--alpha", type=float, default=None, help="Injection strength (default: chosen by a sweep on the validation split).")
-@click.option("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS), show_default=True,
-              help="Strengths to sweep when --alpha is not given.")
-@click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
-              help="A direction file from `surgery directions` (default: computed now).")
-@click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),
-              help="Direction candidate sources when computing (default: response).")
-@click.option("--layers", default=None, help="Edit only these layers, e.g. 0-12 (default: all).")
-@click.option("--include-embedding", is_flag=True, help="Also edit the token embedding (unties a tied unembedding).")
-@click.option("--max-over-refusal", type=float, default=0.15, show_default=True, help="Sweep budget: harmless refusal on validation.")
-@click.option("--max-kl", type=float, default=0.3, show_default=True, help="Sweep budget: first-token KL on validation.")
-@click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@prompt_options
-@model_options
-def rosi(model, out, alpha, alphas, direction_file, sources, layers, include_embedding, max_over_refusal, max_kl,
-         no_eval, overwrite, max_shard_size, as_json, harmful, harmless, borderline, column, revision, allow_pickle, device):
-    """Harden MODEL with ROSI (rank-one safety injection) and write OUT."""
-    from .pipeline import rosi as run
+def edit_options(f):
+    """Options shared by every strength-swept edit (rosi, inject)."""
+    for opt in reversed([
+        click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder."),
+        click.option("--alpha", type=float, default=None,
+                     help="Injection strength (default: chosen by a sweep on the validation split)."),
+        click.option("--alphas", default=None, help="Comma-separated strengths to sweep when --alpha is not given."),
+        click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
+                     help="A direction file from `surgery directions` (default: computed now)."),
+        click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),
+                     help="Direction candidate sources when computing (default: response)."),
+        click.option("--layers", default=None, help="Edit only these layers, e.g. 0-12 (default: all)."),
+        click.option("--max-over-refusal", type=float, default=0.15, show_default=True,
+                     help="Sweep budget: harmless refusal on validation."),
+        click.option("--max-kl", type=float, default=0.3, show_default=True, help="Sweep budget: first-token KL on validation."),
+        click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end)."),
+        click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    ]):
+        f = opt(f)
+    return prompt_options(model_options(f))
 
-    res = run(model, out, alpha=alpha, alphas=_floats(alphas), direction_file=direction_file,
-              sources=sources or ("response",), layers=_layers(layers), include_embedding=include_embedding,
-              prompts=_prompts(harmful, harmless, borderline, column), max_over_refusal=max_over_refusal,
-              max_kl=max_kl, run_eval=not no_eval, overwrite=overwrite, revision=revision, allow_pickle=allow_pickle,
-              device=device, max_shard_bytes=int(max_shard_size * 1e9), say=(lambda m: None) if as_json else _say)
-    if as_json:
+
+def _run_edit(fn, model, o: dict, **method_kw):
+    kw = {}
+    if o["alphas"]:
+        kw["alphas"] = _floats(o["alphas"])
+    res = fn(model, o["out"], alpha=o["alpha"], direction_file=o["direction_file"], sources=o["sources"] or ("response",),
+             layers=_layers(o["layers"]), prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),
+             max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"], run_eval=not o["no_eval"],
+             overwrite=o["overwrite"], revision=o["revision"], allow_pickle=o["allow_pickle"], device=o["device"],
+             max_shard_bytes=int(o["max_shard_size"] * 1e9), say=(lambda m: None) if o["as_json"] else _say,
+             **method_kw, **kw)
+    if o["as_json"]:
         click.echo(json.dumps({"out": str(res.out), "alpha": res.alpha, "direction": res.direction, "sweep": res.sweep,
                                "evaluation": res.evaluation}, indent=2, default=str))
+
+
+@main.command()
+@click.argument("model")
+@edit_options
+@click.option("--include-embedding", is_flag=True, help="Also edit the token embedding (unties a tied unembedding).")
+def rosi(model, include_embedding, **o):
+    """Harden MODEL with ROSI (rank-one safety injection) and write OUT.
+
+    Without --alpha, alpha is swept on the validation split (default grid
+    15,20,25,30,33,36,40,45) and chosen within the over-refusal and KL budgets."""
+    from .pipeline import rosi as run
+
+    _run_edit(run, model, o, include_embedding=include_embedding)
+
+
+@main.command()
+@click.argument("model")
+@edit_options
+@click.option("--post-weight", type=float, default=10.0, show_default=True,
+              help="Weight of harmless post-instruction inputs in the gate fit.")
+@click.option("--ridge", type=float, default=0.1, show_default=True, help="Ridge of the gate fit (relative to the trace).")
+def inject(model, post_weight, ridge, **o):
+    """Experimental: gated rank-one injection (read vectors fitted to fire on harmful inputs only)."""
+    from .pipeline import inject as run
+
+    _run_edit(run, model, o, post_weight=post_weight, ridge=ridge)
 
 
 @main.command("eval")

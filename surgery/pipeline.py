@@ -127,7 +127,7 @@ def direction_record(path: Path, dirs: Directions) -> dict:
 
 
 def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, alpha: float,
-               layers: Sequence[int] | None, include_embedding: bool, overwrite: bool,
+               layers: Sequence[int] | None, include_embedding: bool, overwrite: bool = False,
                files: dict[str, bytes | Path] | None = None, manifest: dict | None = None,
                max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> list[str]:
     """Stream ``reader`` through ROSI into ``out`` (atomic); returns edited tensor names."""
@@ -189,16 +189,124 @@ class RosiResult:
     evaluation: dict | None = None
 
 
-def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
-         direction_file: str | Path | None = None, sources: Sequence[str] = ("response",), rank_by: str = "selectivity",
-         layers: Sequence[int] | None = None, include_embedding: bool = False, prompts: PromptConfig | None = None,
-         max_over_refusal: float = 0.15, max_kl: float = 0.3, run_eval: bool = True, eval_tokens: int = 48,
-         overwrite: bool = False, revision: str | None = None, allow_pickle: bool = False, device: str | None = None,
-         max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> RosiResult:
+class EditMethod:
+    """What differs between strength-swept edits (ROSI, gated injection): the
+    in-memory edit used by the sweep, the per-tensor edit used by the stream,
+    and the manifest parameters.  ``harden`` does everything else."""
+    name = "edit"
+    default_alphas: Sequence[float] = ()
+
+    def prepare(self, lm: LoadedModel, prompts: "PromptConfig", say: Say) -> None:
+        """Measure whatever the edit needs beyond the direction (after the direction is known)."""
+
+    def in_memory(self, lm: LoadedModel, r_hat: torch.Tensor, alpha: float):
+        raise NotImplementedError
+
+    def write(self, reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, alpha: float, **kw) -> list[str]:
+        raise NotImplementedError
+
+    def parameters(self) -> dict:
+        return {}
+
+    def files(self, work: Path) -> dict[str, Path]:
+        """Artifacts saved next to the checkpoint (hashed into the manifest)."""
+        return {}
+
+
+class Rosi(EditMethod):
+    name = "rosi"
+    default_alphas = DEFAULT_ALPHAS
+
+    def __init__(self, layers: Sequence[int] | None = None, include_embedding: bool = False):
+        self.layers, self.include_embedding = layers, include_embedding
+
+    def in_memory(self, lm, r_hat, alpha):
+        return rosi_in_memory(lm, r_hat, alpha, self.layers)
+
+    def write(self, reader, arch, out, r_hat, alpha, **kw):
+        return write_rosi(reader, arch, out, r_hat, alpha, self.layers, self.include_embedding, **kw)
+
+    def parameters(self) -> dict:
+        return {"layers": list(self.layers) if self.layers is not None else "all",
+                "include_embedding": self.include_embedding,
+                "matrices": "attention and MLP output projections (every expert); biases untouched",
+                "formula": "W' = W + alpha * r_hat * W.mean(dim=0)^T", "compute_dtype": "float32"}
+
+
+class Gated(EditMethod):
+    """Gated rank-one injection (surgery.edits.gated): ROSI's form with a read
+    vector per matrix fitted so the injection fires on harmful inputs and stays
+    near zero on harmless ones.  Groundwork for issue 6 (``surgery inject``)."""
+    name = "gated-injection"
+    default_alphas = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+    def __init__(self, layers: Sequence[int] | None = None, post_weight: float = 10.0, ridge: float = 0.1):
+        self.layers, self.post_weight, self.ridge = layers, post_weight, ridge
+        self.vs: dict[str, torch.Tensor] = {}
+        self.calibration: dict = {}
+
+    def prepare(self, lm, prompts, say):
+        from .edits.gated import collect_stats, fit_read_vector_ridge
+
+        ht, bt, _, _ = prompts.train_val()
+        say(f"fitting read vectors on {len(ht)} harmful + {len(bt)} harmless training prompts")
+        stats = collect_stats(lm, list(ht.prompts), list(bt.prompts))
+        keep = None if self.layers is None else set(self.layers)
+        writers = {w.name: w for w in lm.arch.residual_writers([n for n, _ in lm.model.named_parameters()], lm.model.config)}
+        self.vs = {k: fit_read_vector_ridge(st, self.post_weight, self.ridge).float() for k, st in stats.items()
+                   if keep is None or writers[k].layer in keep}
+        self.calibration = {"harmful_train": ht.describe(), "harmless_train": bt.describe()}
+
+    def in_memory(self, lm, r_hat, alpha):
+        from .edits.gated import gated_in_memory
+
+        return gated_in_memory(lm, r_hat, self.vs, alpha)
+
+    def write(self, reader, arch, out, r_hat, alpha, **kw):
+        from .edits.gated import gated_update
+
+        # in-memory names equal checkpoint names for the dense models this supports
+        targets = {w.name: w for w in arch.residual_writers(reader.names, reader.config) if w.name in self.vs}
+        if len(targets) != len(self.vs):
+            missing = sorted(set(self.vs) - set(targets))
+            raise SurgeryError(f"gated injection: {len(missing)} fitted matrices not found in the checkpoint, e.g. {missing[0]}")
+        r = r_hat.float()
+
+        def edit(name, tensor):
+            w = targets.get(name)
+            return None if w is None else gated_update(w, tensor, r, self.vs[name], alpha)
+
+        return write_edited(reader, out, edit, **kw)
+
+    def parameters(self) -> dict:
+        return {"layers": list(self.layers) if self.layers is not None else "all",
+                "formula": "W' = W + alpha * r_hat * v^T, v = G^-1 m_h / (m_h^T G^-1 m_h) per matrix "
+                           "(G: harmless input second moment, post-instruction positions weighted; m_h: harmful mean)",
+                "post_weight": self.post_weight, "ridge": self.ridge, "read_vectors": "gates.safetensors",
+                "calibration": self.calibration, "compute_dtype": "float32"}
+
+    def files(self, work: Path) -> dict[str, Path]:
+        from safetensors.torch import save_file
+
+        path = work / "gates.safetensors"
+        save_file({k: v.contiguous() for k, v in self.vs.items()}, str(path), metadata={"format": "surgery.gates/1"})
+        return {"gates.safetensors": path}
+
+
+def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | None = None,
+           alphas: Sequence[float] | None = None, direction_file: str | Path | None = None,
+           sources: Sequence[str] = ("response",), rank_by: str = "selectivity", prompts: PromptConfig | None = None,
+           max_over_refusal: float = 0.15, max_kl: float = 0.3, run_eval: bool = True, eval_tokens: int = 48,
+           overwrite: bool = False, revision: str | None = None, allow_pickle: bool = False, device: str | None = None,
+           max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> RosiResult:
+    """Direction -> method-specific measurement -> strength sweep -> streamed write
+    with manifest -> before/after evaluation.  Everything checkable is checked
+    before the model is loaded."""
     say = _say(say)
     out = Path(out)
     CheckpointWriter.check_target(out, overwrite)
     prompts = prompts or PromptConfig()
+    alphas = method.default_alphas if alphas is None else alphas
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
         d = arch.hidden_size(reader.config)
@@ -216,12 +324,13 @@ def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Se
                 dirs = compute_directions(lm, prompts, sources, rank_by, say)
             dir_path = dirs.save(tmp_dir / "direction.safetensors")
             r_hat = unit(dirs.best.vector)
+            method.prepare(lm, prompts, say)
             points: list[dict] = []
             if alpha is None:
                 say(f"alpha sweep on the validation split ({len(hv)} harmful, {len(bv)} harmless): {list(alphas)}")
                 values = [0.0] + [a for a in alphas if a != 0]  # the unedited model is the sweep's first row
                 # judged on replies as long as the final evaluation's, so the budgets mean the same thing
-                points = tuning.sweep(lm, lambda a: rosi_in_memory(lm, r_hat, a, layers), values, list(hv.prompts),
+                points = tuning.sweep(lm, lambda a: method.in_memory(lm, r_hat, a), values, list(hv.prompts),
                                       list(bv.prompts), max_new_tokens=eval_tokens, progress=lambda p: say(
                                           f"  alpha {p['value']:g}: harmful {p['harmful_refusal']:.0%}, "
                                           f"harmless {p['harmless_refusal']:.0%}, KL {p['kl']:.3f}"))
@@ -230,20 +339,17 @@ def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Se
                 say(f"alpha = {alpha:g}: {why}")
             else:
                 why = "given"
-            params = {"alpha": alpha, "alpha_choice": why, "layers": list(layers) if layers is not None else "all",
-                      "include_embedding": include_embedding, "matrices": "attention and MLP output projections "
-                      "(every expert); biases untouched", "formula": "W' = W + alpha * r_hat * W.mean(dim=0)^T",
-                      "compute_dtype": "float32", "max_over_refusal": max_over_refusal, "max_kl": max_kl,
-                      "sweep": points}
+            params = {"alpha": alpha, "alpha_choice": why, **method.parameters(), "max_over_refusal": max_over_refusal,
+                      "max_kl": max_kl, "sweep": points}
             datasets = dict(dirs.meta.get("datasets", {}))
             if points:
                 datasets.update({"sweep_harmful_val": hv.describe(), "sweep_harmless_val": bv.describe()})
-            manifest = build_manifest(input_info=input_info(resolved, reader), method="rosi", parameters=params,
+            manifest = build_manifest(input_info=input_info(resolved, reader), method=method.name, parameters=params,
                                       datasets=datasets, direction=direction_record(dir_path, dirs))
-            json_path = Path(str(dir_path) + ".json")
-            write_rosi(reader, arch, out, r_hat, alpha, layers, include_embedding, overwrite,
-                       files={"direction.safetensors": dir_path, "direction.safetensors.json": json_path},
-                       manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
+            files = {"direction.safetensors": dir_path, "direction.safetensors.json": Path(str(dir_path) + ".json"),
+                     **method.files(tmp_dir)}
+            method.write(reader, arch, out, r_hat, alpha, overwrite=overwrite, files=files, manifest=manifest,
+                         max_shard_bytes=max_shard_bytes, say=say)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         result = RosiResult(out, alpha, manifest["direction"], points)
@@ -252,6 +358,18 @@ def rosi(source: str, out: str | Path, *, alpha: float | None = None, alphas: Se
             result.evaluation = evaluate_models(lm, patched, prompts, eval_tokens, say)
             update_manifest(out, evaluation=result.evaluation)
         return result
+
+
+def rosi(source: str, out: str | Path, *, layers: Sequence[int] | None = None, include_embedding: bool = False,
+         alphas: Sequence[float] = DEFAULT_ALPHAS, **kw) -> RosiResult:
+    """ROSI (methods.md §2) through :func:`harden`."""
+    return harden(source, out, Rosi(layers, include_embedding), alphas=alphas, **kw)
+
+
+def inject(source: str, out: str | Path, *, layers: Sequence[int] | None = None, post_weight: float = 10.0,
+           ridge: float = 0.1, **kw) -> RosiResult:
+    """Gated rank-one injection through :func:`harden` (issue 6 groundwork)."""
+    return harden(source, out, Gated(layers, post_weight, ridge), **kw)
 
 
 def test_sets(prompts: PromptConfig, whole_user_files: bool = False) -> dict[str, PromptSet]:

@@ -68,3 +68,31 @@ def test_gate_on_tiny_model_calibration_inputs(tiny_chat):
         changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
     assert sorted(changed) == sorted(stats)
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+
+
+def test_inject_pipeline_writes_exact_rank_one_deltas(tmp_path, tiny_chat):
+    from safetensors.torch import load_file
+
+    from surgery.checkpoint import CheckpointReader
+    from surgery.directions import Candidate, Directions
+    from surgery.manifest import read_manifest, verify
+    from surgery.pipeline import PromptConfig, inject
+
+    torch.manual_seed(0)
+    dfile = Directions([Candidate("response", 1, "reply[0:4]", torch.randn(32, dtype=torch.float64))], 0, "t").save(
+        tmp_path / "d.safetensors")
+    out = tmp_path / "out"
+    inject(str(tiny_chat), out, alpha=1.5, direction_file=dfile, run_eval=False, prompts=PromptConfig(n_train=8, n_val=4))
+    assert verify(out) == []
+    m = read_manifest(out)
+    assert m["method"]["name"] == "gated-injection" and m["edited"]["count"] == 8
+    vs = load_file(str(out / "gates.safetensors"))
+    r = Directions.load(dfile).best.vector
+    r = r / r.norm()
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(out) as b:
+        for name, v in vs.items():
+            delta = b.get(name).double() - a.get(name).double()
+            torch.testing.assert_close(delta, 1.5 * torch.outer(r, v.double()), rtol=1e-4, atol=1e-5)
+        for name in a.names:
+            if name not in vs:
+                assert torch.equal(a.get(name), b.get(name))
