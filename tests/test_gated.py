@@ -96,3 +96,15 @@ def test_inject_pipeline_writes_exact_rank_one_deltas(tmp_path, tiny_chat):
         for name in a.names:
             if name not in vs:
                 assert torch.equal(a.get(name), b.get(name))
+
+
+def test_harmless_replies_extend_only_the_harmless_second_moment(tiny_chat):
+    lm = load_model(tiny_chat)
+    harmful = list(builtin("harmful", "train").prompts[:4])
+    harmless = list(builtin("harmless", "train").prompts[:4])
+    a = collect_stats(lm, harmful, harmless, batch_size=4)
+    b = collect_stats(lm, harmful, harmless, batch_size=4, harmless_replies=["Sure , here is how"] * 4)
+    for k in a:
+        assert b[k].n_h == a[k].n_h and torch.allclose(b[k].sum_h, a[k].sum_h)
+        assert b[k].n_b_post == a[k].n_b_post and torch.allclose(b[k].sum_b_post, a[k].sum_b_post)
+        assert b[k].n_b > a[k].n_b

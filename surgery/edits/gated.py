@@ -51,7 +51,10 @@ def _writer_modules(lm: LoadedModel):
 
 @torch.no_grad()
 def collect_stats(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], post_positions: int = 5,
-                  batch_size: int = 16) -> dict[str, GateStats]:
+                  batch_size: int = 16, harmless_replies: Sequence[str] | None = None) -> dict[str, GateStats]:
+    """Input statistics of every 2-D residual writer.  ``harmless_replies`` (the
+    model's own replies to ``harmless``) add the reply positions to the harmless
+    second moment, so the gate also stays shut while a harmless answer is generated."""
     ws = _writer_modules(lm)
     stats: dict[str, dict] = {w.name: {"sum_h": 0, "n_h": 0, "sum_b_post": 0, "n_b_post": 0, "gram_b": 0, "n_b": 0,
                                        "gram_b_post": 0}
@@ -66,6 +69,11 @@ def collect_stats(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[st
             if state["mode"] == "harmful":
                 s["sum_h"] = s["sum_h"] + post.sum(0)
                 s["n_h"] += post.shape[0]
+            elif state["mode"] == "replies":
+                m = state["mask"].reshape(-1).bool()
+                flat = x.reshape(-1, x.shape[-1])[m]
+                s["gram_b"] = s["gram_b"] + flat.T @ flat
+                s["n_b"] += flat.shape[0]
             else:
                 s["sum_b_post"] = s["sum_b_post"] + post.sum(0)
                 s["n_b_post"] += post.shape[0]
@@ -78,9 +86,13 @@ def collect_stats(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[st
 
     handles = [get_submodule(lm.model, w.name.rsplit(".", 1)[0]).register_forward_pre_hook(hook_for(w.name)) for w in ws]
     try:
-        for mode, prompts in (("harmful", harmful), ("harmless", harmless)):
+        passes = [("harmful", [format_chat(lm.tokenizer, p) for p in harmful]),
+                  ("harmless", [format_chat(lm.tokenizer, p) for p in harmless])]
+        if harmless_replies is not None:
+            passes.append(("replies", [format_chat(lm.tokenizer, p) + r for p, r in zip(harmless, harmless_replies)]))
+        for mode, texts in passes:
             state["mode"] = mode
-            for chunk in batches([format_chat(lm.tokenizer, p) for p in prompts], batch_size):
+            for chunk in batches(texts, batch_size):
                 batch = encode(lm, chunk)
                 state["mask"] = batch["attention_mask"]
                 lm.model(**batch, use_cache=False)
