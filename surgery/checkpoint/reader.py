@@ -204,6 +204,10 @@ class CheckpointReader:
                 if name in self._info:
                     raise CheckpointError(f"tensor {name} appears in both {self._info[name].file} and {path}")
                 self._info[name] = info
+        self._check_complete(wmap, index)
+
+    def _check_complete(self, wmap: dict | None, index: Path) -> None:
+        """Every tensor the index names was found; the checkpoint is not empty."""
         if wmap is not None:
             for name, shard in wmap.items():
                 if name not in self._info:
@@ -233,12 +237,7 @@ class CheckpointReader:
                     raise CheckpointError(f"tensor {name} in {path} has unsupported dtype {t.dtype}")
                 nb = t.numel() * t.element_size()
                 self._info[name] = TensorInfo(path, t.dtype, tuple(t.shape), 0, nb)
-        if wmap is not None:
-            for name, shard in wmap.items():
-                if name not in self._info:
-                    raise CheckpointError(f"tensor {name} listed in {index} is missing from {self.folder / shard}")
-        if not self._info:
-            raise CheckpointError(f"no tensors in {self.weight_files[0]}")
+        self._check_complete(wmap, index)
 
     def _load_pickle(self, path: Path) -> dict:
         if self._pickle_file == path and self._pickle_sd is not None:
