@@ -240,8 +240,10 @@ class Gated(EditMethod):
     name = "gated-injection"
     default_alphas = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0)
 
-    def __init__(self, layers: Sequence[int] | None = None, post_weight: float = 10.0, ridge: float = 0.1):
+    def __init__(self, layers: Sequence[int] | None = None, post_weight: float = 10.0, ridge: float = 0.1,
+                 borderline_calibration: bool = True):
         self.layers, self.post_weight, self.ridge = layers, post_weight, ridge
+        self.borderline_calibration = borderline_calibration
         self.vs: dict[str, torch.Tensor] = {}
         self.calibration: dict = {}
 
@@ -249,13 +251,19 @@ class Gated(EditMethod):
         from .edits.gated import collect_stats, fit_read_vector_ridge
 
         ht, bt, _, _ = prompts.train_val()
-        say(f"fitting read vectors on {len(ht)} harmful + {len(bt)} harmless training prompts")
-        stats = collect_stats(lm, list(ht.prompts), list(bt.prompts))
+        harmless = list(bt.prompts)
+        self.calibration = {"harmful_train": ht.describe(), "harmless_train": bt.describe()}
+        if self.borderline_calibration and prompts.borderline:
+            # prompts that only sound dangerous must not open the gate either
+            bl = prompts.load("borderline", "train")
+            harmless += list(bl.prompts)
+            self.calibration["borderline_train"] = bl.describe()
+        say(f"fitting read vectors on {len(ht)} harmful + {len(harmless)} harmless training prompts")
+        stats = collect_stats(lm, list(ht.prompts), harmless)
         keep = None if self.layers is None else set(self.layers)
         writers = {w.name: w for w in lm.arch.residual_writers([n for n, _ in lm.model.named_parameters()], lm.model.config)}
         self.vs = {k: fit_read_vector_ridge(st, self.post_weight, self.ridge).float() for k, st in stats.items()
                    if keep is None or writers[k].layer in keep}
-        self.calibration = {"harmful_train": ht.describe(), "harmless_train": bt.describe()}
 
     def in_memory(self, lm, r_hat, alpha):
         from .edits.gated import gated_in_memory
@@ -283,6 +291,7 @@ class Gated(EditMethod):
                 "formula": "W' = W + alpha * r_hat * v^T, v = G^-1 m_h / (m_h^T G^-1 m_h) per matrix "
                            "(G: harmless input second moment, post-instruction positions weighted; m_h: harmful mean)",
                 "post_weight": self.post_weight, "ridge": self.ridge, "read_vectors": "gates.safetensors",
+                "borderline_calibration": self.borderline_calibration,
                 "calibration": self.calibration, "compute_dtype": "float32"}
 
     def files(self, work: Path) -> dict[str, Path]:
@@ -367,9 +376,9 @@ def rosi(source: str, out: str | Path, *, layers: Sequence[int] | None = None, i
 
 
 def inject(source: str, out: str | Path, *, layers: Sequence[int] | None = None, post_weight: float = 10.0,
-           ridge: float = 0.1, **kw) -> RosiResult:
+           ridge: float = 0.1, borderline_calibration: bool = True, **kw) -> RosiResult:
     """Gated rank-one injection through :func:`harden` (issue 6 groundwork)."""
-    return harden(source, out, Gated(layers, post_weight, ridge), **kw)
+    return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration), **kw)
 
 
 def test_sets(prompts: PromptConfig, whole_user_files: bool = False) -> dict[str, PromptSet]:

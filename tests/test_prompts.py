@@ -20,7 +20,7 @@ from surgery.prompts import PromptSet, builtin, format_chat, load_prompts, refus
 DATA = Path(sp.__file__).parent / "data"
 EXPECTED = {"harmful": (200, {"train": 120, "val": 40, "test": 40}),
             "harmless": (200, {"train": 120, "val": 40, "test": 40}),
-            "borderline": (80, {"val": 40, "test": 40})}
+            "borderline": (160, {"train": 80, "val": 40, "test": 40})}
 
 
 def rows(name):
@@ -63,23 +63,30 @@ def test_builtin_categories():
     borderline = collections.Counter(r["category"] for r in rows("borderline"))
     assert len(harmful) == 14 and all(14 <= c <= 15 for c in harmful.values())
     assert len(harmless) >= 14 and min(harmless.values()) >= 5
-    assert len(borderline) == 8 and set(borderline.values()) == {10}
+    assert len(borderline) == 8 and set(borderline.values()) == {20}
+    by_split = collections.Counter((r["category"], r["split"]) for r in rows("borderline"))
+    assert len(by_split) == 8 * 3  # every kind in every split
+    assert all(by_split[(c, "train")] == 10 and by_split[(c, "val")] == 5 and by_split[(c, "test")] == 5
+               for c in borderline)
 
 
 def test_split_rule_matches_readme():
     """The documented rule: group by category (file order), order by sha256 of the
-    prompt, then train/train/train/val/test (borderline val/test) cyclically."""
-    for name, cycle in [("harmful", ["train"] * 3 + ["val", "test"]),
-                        ("harmless", ["train"] * 3 + ["val", "test"]),
-                        ("borderline", ["val", "test"])]:
-        rs = rows(name)
+    prompt, then train/train/train/val/test cyclically.  Borderline has two blocks:
+    rows 1-80 follow the same rule with val/test, rows 81-160 (added later, all
+    train) are grouped and ordered the same way."""
+    borderline = rows("borderline")
+    for name, rs, cycle in [("harmful", rows("harmful"), ["train"] * 3 + ["val", "test"]),
+                            ("harmless", rows("harmless"), ["train"] * 3 + ["val", "test"]),
+                            ("borderline", borderline[:80], ["val", "test"]),
+                            ("borderline", borderline[80:], ["train"])]:
         cats = list(dict.fromkeys(r["category"] for r in rs))
         ordered = []
         for c in cats:
             ordered += sorted((r for r in rs if r["category"] == c),
                               key=lambda r: hashlib.sha256(r["prompt"].encode()).hexdigest())
-        assert ordered == rs
-        assert [r["split"] for r in rs] == [cycle[k % len(cycle)] for k in range(len(rs))]
+        assert ordered == rs, name
+        assert [r["split"] for r in rs] == [cycle[k % len(cycle)] for k in range(len(rs))], name
 
 
 def test_no_duplicate_prompts_within_or_across_sets():
@@ -105,10 +112,16 @@ def test_builtin_errors():
     with pytest.raises(PromptError) as e:
         builtin("harmful", "dev")
     assert_one_line_error(e, "train", "val", "test")
+    assert issubclass(PromptError, SurgeryError)
+
+
+def test_builtin_missing_split(monkeypatch):
+    """A built-in set without the asked split names the splits it has."""
+    assert len(builtin("borderline", "train")) == 80  # borderline has a train split now
+    monkeypatch.setattr(sp, "_builtin_rows", lambda name: (("p1", "c", "val"), ("p2", "c", "test")))
     with pytest.raises(PromptError) as e:
         builtin("borderline", "train")
-    assert_one_line_error(e, "val")
-    assert issubclass(PromptError, SurgeryError)
+    assert_one_line_error(e, "borderline", "train", "test", "val")
 
 
 def test_refusal_texts():
@@ -237,6 +250,7 @@ def test_builtin_sources():
     assert load_prompts("builtin:harmful") == builtin("harmful")
     assert load_prompts("builtin:harmless:val") == builtin("harmless", "val")
     assert load_prompts("builtin:borderline[test]") == builtin("borderline", "test")
+    assert load_prompts("builtin:borderline:train") == builtin("borderline", "train")
     assert load_prompts("builtin:harmful", split="test") == builtin("harmful", "test")
     assert len(load_prompts("builtin:harmful:train", limit=5)) == 5
     for bad in ["builtin:nope", "builtin:harmful:dev", "builtin:"]:

@@ -162,7 +162,7 @@ def _builtin_rows(name: str) -> tuple[tuple[str, str, str], ...]:
 def builtin(name: str, split: str | None = None) -> PromptSet:
     """One of the project's own prompt sets: ``harmful``, ``harmless`` or
     ``borderline``; ``split`` is ``train``, ``val``, ``test`` or None for all.
-    (``borderline`` has only ``val`` and ``test``.)"""
+   """
     if name not in BUILTIN_SETS:
         raise PromptError(f"unknown built-in prompt set {name!r}; choose one of: {', '.join(BUILTIN_SETS)}")
     if split is not None and split not in SPLITS:
