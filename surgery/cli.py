@@ -163,11 +163,13 @@ def rosi(model, include_embedding, **o):
 @click.option("--post-weight", type=float, default=10.0, show_default=True,
               help="Weight of harmless post-instruction inputs in the gate fit.")
 @click.option("--ridge", type=float, default=0.1, show_default=True, help="Ridge of the gate fit (relative to the trace).")
-def inject(model, post_weight, ridge, **o):
+@click.option("--no-borderline-calibration", is_flag=True,
+              help="Do not add the borderline training prompts to the harmless calibration set.")
+def inject(model, post_weight, ridge, no_borderline_calibration, **o):
     """Experimental: gated rank-one injection (read vectors fitted to fire on harmful inputs only)."""
     from .pipeline import inject as run
 
-    _run_edit(run, model, o, post_weight=post_weight, ridge=ridge)
+    _run_edit(run, model, o, post_weight=post_weight, ridge=ridge, borderline_calibration=not no_borderline_calibration)
 
 
 @main.command("eval")
