@@ -45,7 +45,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .activations import batches, encode, layer_input_hook, mean_residuals
+from .activations import add_vector, layer_input_hook, mean_residuals
+from .evaluation.metrics import kl_div, last_logprobs
 from .errors import DirectionError
 from .model import LoadedModel, patched_weights
 from .prompts import format_chat, refusal_texts
@@ -74,27 +75,11 @@ def refusal_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-@torch.no_grad()
-def last_logprobs(lm: LoadedModel, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """Log-softmax of the next-token distribution at the last position, (n, V) float32."""
-    out = []
-    for chunk in batches(list(texts), batch_size):
-        batch = encode(lm, chunk)
-        logits = lm.model(**batch, use_cache=False).logits[:, -1, :].float()
-        out.append(torch.log_softmax(logits, dim=-1).cpu())
-    return torch.cat(out)
-
-
 def refusal_score_from_logprobs(logp: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
     """``log p(R) - log(1 - p(R))`` per row, R = the refusal first tokens."""
     lp = torch.logsumexp(logp[:, list(ids)], dim=-1)
     p = lp.exp().clamp(max=1 - 1e-7)
     return lp - torch.log1p(-p)
-
-
-def kl_div(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(ref || new) per row, from log-probabilities."""
-    return (logp_ref.exp() * (logp_ref - logp)).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------- edits used while measuring
@@ -220,19 +205,13 @@ def score_candidate(lm: LoadedModel, c: Candidate, data: ScoringData, batch_size
         out["bypass"] = refusal_score_from_logprobs(lh, data.refusal_ids).mean().item()
         out["kl"] = kl_div(data.base_harmless_logp, lb).mean().item()
     v = c.vector.to(torch.float32)
-    with add_at(lm, c.layer, v):
+    with add_vector(lm, c.layer, v):
         lb = last_logprobs(lm, data.harmless_texts, batch_size)
         ib = refusal_score_from_logprobs(lb, data.refusal_ids).mean().item()
         ih = refusal_score_from_logprobs(last_logprobs(lm, data.harmful_texts, batch_size), data.refusal_ids).mean().item()
     out.update({"induce": ib, "induce_harmful": ih, "selectivity": ih - ib,
                 "kl_induce": kl_div(data.base_harmless_logp, lb).mean().item()})
     return out
-
-
-def add_at(lm: LoadedModel, layer: int, v: torch.Tensor):
-    from .activations import add_vector
-
-    return add_vector(lm, layer, v)
 
 
 def select(candidates: list[Candidate], num_layers: int, rank_by: str = "selectivity", kl_max: float = 0.1,
@@ -259,14 +238,15 @@ def select(candidates: list[Candidate], num_layers: int, rank_by: str = "selecti
             why.append(f"kl >= {kl_max}")
         c.scores["filtered"] = "; ".join(why)
         reasons[i] = why
+    filters = f"layer < {cutoff}" + (f", kl < {kl_max}, induce > 0" if rank_by == "bypass" else "")
     alive = [i for i in range(len(candidates)) if not reasons[i]]
     if alive:
         best = min(alive, key=lambda i: key(candidates[i]))
-        c = candidates[best]
-        filters = f"layer < {cutoff}" + (f", kl < {kl_max}, induce > 0" if rank_by == "bypass" else "")
         return best, f"best {rank_by} among {len(alive)} of {len(candidates)} candidates passing the filters ({filters})"
-    best = min(range(len(candidates)), key=lambda i: key(candidates[i]))
-    filters = f"layer < {cutoff}" + (f", kl < {kl_max}, induce > 0" if rank_by == "bypass" else "")
+    scored = [i for i, c in enumerate(candidates) if rank_by in c.scores]
+    if not scored:
+        raise DirectionError(f"no candidate has a {rank_by} score (the model has too few layers below the cut-off)")
+    best = min(scored, key=lambda i: key(candidates[i]))
     msg = (f"no candidate passed the filters ({filters}); falling back to the best "
            f"{rank_by} overall: {candidates[best].source} layer {candidates[best].layer}")
     log.warning(msg)
@@ -357,8 +337,7 @@ def compute_directions(lm: LoadedModel, harmful_train: Sequence[str], harmless_t
     data = scoring_data(lm, harmful_val, harmless_val, batch_size)
     for i, c in enumerate(cands):
         if c.layer >= cutoff:
-            c.scores = {"skipped": "layer cut-off"}
-            c.scores.update({"bypass": float("inf"), "induce": 0.0, "induce_harmful": 0.0, "selectivity": float("-inf"), "kl": float("inf")})
+            c.scores = {"skipped": "layer cut-off"}  # never scored, never chosen
             continue
         c.scores = score_candidate(lm, c, data, batch_size, ablation=full_scores or rank_by == "bypass")
         if progress:

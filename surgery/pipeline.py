@@ -8,9 +8,9 @@ checked before any expensive work: the output target, the model's architecture
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 import torch
 
 from .architectures import get_architecture
-from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, resolve_model, stream_rewrite)
-from .directions import SAFETY_SYSTEM_PROMPT, Directions, compute_directions as _compute_directions
+from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, resolve_model, sha256_file,
+                         stream_rewrite)
+from .directions import Directions, compute_directions as _compute_directions
 from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
 from .errors import PromptError, SurgeryError
 from .evaluation.metrics import evaluate, format_table, summary_row
@@ -76,9 +77,7 @@ def _say(say: Say | None) -> Say:
 
 
 def input_info(resolved, reader: CheckpointReader) -> dict:
-    from .checkpoint import sha256_file
-
-    info = resolved.to_dict() if hasattr(resolved, "to_dict") else {"source": str(resolved)}
+    info = resolved.to_dict()
     info["weight_files"] = {p.name: sha256_file(p) for p in reader.weight_files}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
 
@@ -118,8 +117,6 @@ def compute_directions(lm: LoadedModel, prompts: PromptConfig, sources: Sequence
 
 
 def direction_record(path: Path, dirs: Directions) -> dict:
-    from .checkpoint import sha256_file
-
     b = dirs.best
     return {"file": path.name, "sha256": sha256_file(path), "source": b.source, "layer": b.layer,
             "position": b.position, "norm": b.norm, "selection": dirs.reason,
@@ -181,7 +178,8 @@ def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool =
 
 
 @dataclass
-class RosiResult:
+class HardenResult:
+    """What :func:`harden` produced (any method)."""
     out: Path
     alpha: float
     direction: dict
@@ -307,7 +305,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
            sources: Sequence[str] = ("response",), rank_by: str = "selectivity", prompts: PromptConfig | None = None,
            max_over_refusal: float = 0.15, max_kl: float = 0.3, run_eval: bool = True, eval_tokens: int = 48,
            overwrite: bool = False, revision: str | None = None, allow_pickle: bool = False, device: str | None = None,
-           max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> RosiResult:
+           max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> HardenResult:
     """Direction -> method-specific measurement -> strength sweep -> streamed write
     with manifest -> before/after evaluation.  Everything checkable is checked
     before the model is loaded."""
@@ -324,11 +322,9 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
             dirs.check_width(d, f"model {source}")
         ht, bt, hv, bv = prompts.train_val()  # validates prompt sources before loading the model
         lm = load_model(resolved.folder, device=device)
-        tmp_dir = Path(out.parent) / f".{out.name}.work"
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
-        tmp_dir.mkdir(parents=True)
-        try:
+        # artifacts (direction, gates) are made here, then copied into the checkpoint's own temporary folder
+        with tempfile.TemporaryDirectory(prefix="surgery-") as work:
+            tmp_dir = Path(work)
             if dirs is None:
                 dirs = compute_directions(lm, prompts, sources, rank_by, say)
             dir_path = dirs.save(tmp_dir / "direction.safetensors")
@@ -359,9 +355,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
                      **method.files(tmp_dir)}
             method.write(reader, arch, out, r_hat, alpha, overwrite=overwrite, files=files, manifest=manifest,
                          max_shard_bytes=max_shard_bytes, say=say)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        result = RosiResult(out, alpha, manifest["direction"], points)
+        result = HardenResult(out, alpha, manifest["direction"], points)
         if run_eval:
             patched = load_model(out, device=device)
             result.evaluation = evaluate_models(lm, patched, prompts, eval_tokens, say)
@@ -370,13 +364,13 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
 
 
 def rosi(source: str, out: str | Path, *, layers: Sequence[int] | None = None, include_embedding: bool = False,
-         alphas: Sequence[float] = DEFAULT_ALPHAS, **kw) -> RosiResult:
+         alphas: Sequence[float] = DEFAULT_ALPHAS, **kw) -> HardenResult:
     """ROSI (methods.md §2) through :func:`harden`."""
     return harden(source, out, Rosi(layers, include_embedding), alphas=alphas, **kw)
 
 
 def inject(source: str, out: str | Path, *, layers: Sequence[int] | None = None, post_weight: float = 10.0,
-           ridge: float = 0.1, borderline_calibration: bool = True, **kw) -> RosiResult:
+           ridge: float = 0.1, borderline_calibration: bool = True, **kw) -> HardenResult:
     """Gated rank-one injection through :func:`harden` (issue 6 groundwork)."""
     return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration), **kw)
 

@@ -97,7 +97,11 @@ def test_compute_directions_and_artifact(tmp_path, lm):
     assert {c.source for c in dirs.candidates} == {"response", "prompt", "system"}
     assert dirs.best.layer < int(0.8 * lm.num_layers)
     path = dirs.save(tmp_path / "d.safetensors")
-    meta = json.loads((tmp_path / "d.safetensors.json").read_text())
+    def no_infinity(c):
+        raise AssertionError(f"direction metadata is not strict JSON: {c}")
+
+    meta = json.loads((tmp_path / "d.safetensors.json").read_text(), parse_constant=no_infinity)
+    assert any(c.get("skipped") == "layer cut-off" for c in meta["candidates"])
     assert meta["chosen"] == dirs.chosen and len(meta["candidates"]) == len(dirs.candidates)
     back = D.Directions.load(path)
     torch.testing.assert_close(back.best.vector, dirs.best.vector.float().double())

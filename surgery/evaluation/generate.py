@@ -22,6 +22,7 @@ def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 48, 
     texts = chat_texts(lm, prompts, system)
     tok = lm.tokenizer
     eos = lm.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
     out_texts, out_ids = [], []
     for chunk in batches(texts, batch_size):
         batch = encode(lm, chunk)
@@ -31,7 +32,6 @@ def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 48, 
         for row in new:
             ids = row.tolist()
             # cut at the first end-of-sequence token
-            eos_ids = eos if isinstance(eos, list) else [eos]
             for j, t in enumerate(ids):
                 if t in eos_ids:
                     ids = ids[:j]

@@ -21,14 +21,29 @@ from .generate import generate
 from .judges import Judge, MarkerJudge
 
 
-def first_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    from ..directions import last_logprobs
+@torch.no_grad()
+def last_logprobs(lm: LoadedModel, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Log-softmax of the next-token distribution at the last position, (n, V) float32."""
+    out = []
+    for chunk in batches(list(texts), batch_size):
+        batch = encode(lm, chunk)
+        logits = lm.model(**batch, use_cache=False).logits[:, -1, :].float()
+        out.append(torch.log_softmax(logits, dim=-1).cpu())
+    return torch.cat(out)
 
+
+def kl_div(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || new) per row, from log-probabilities."""
+    return (logp_ref.exp() * (logp_ref - logp)).sum(dim=-1)
+
+
+def first_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     return last_logprobs(lm, [format_chat(lm.tokenizer, p) for p in prompts], batch_size)
 
 
 def first_token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
-    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+    """Mean first-token KL(reference || model)."""
+    return float(kl_div(ref_logp, logp).mean())
 
 
 @torch.no_grad()
