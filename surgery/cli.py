@@ -226,5 +226,69 @@ def verify(folder):
     click.echo(f"OK {folder}: every file matches surgery.json")
 
 
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--direction", type=click.Path(path_type=Path), default=None,
+              help="Direction file (from `surgery directions`, or a safetensors file with one 1-D tensor): "
+                   "report |cos| between each change's leading output direction and it.")
+@click.option("--energy", type=float, default=0.99, show_default=True,
+              help="Rank = singular values needed to reach this fraction of ||dW||_F^2.")
+@click.option("--rank-q", type=int, default=16, show_default=True, help="Singular values computed per tensor.")
+@click.option("--json", "json_out", default=None, help="Write every per-tensor record as JSON to FILE ('-': stdout).")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG heatmap (layers x modules).")
+@click.option("--revision-a", default=None, help="Hub revision of A.")
+@click.option("--revision-b", default=None, help="Hub revision of B.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
+def diff(a, b, direction, energy, rank_q, json_out, plot, revision_a, revision_b, allow_pickle):
+    """Show what changed between base A and patched B, tensor by tensor (streamed)."""
+    from .diff import diff_checkpoints
+
+    to_stdout = json_out == "-"
+    say = (lambda m: click.echo(m, err=True)) if to_stdout else _say
+    report = diff_checkpoints(a, b, direction=direction, energy=energy, rank_q=rank_q, say=say,
+                              revision_a=revision_a, revision_b=revision_b, allow_pickle=allow_pickle)
+    say(report.summary())
+    if plot:
+        say(f"plot: {report.plot(plot)}")
+    if to_stdout:
+        click.echo(report.to_json())
+    elif json_out:
+        try:
+            Path(json_out).write_text(report.to_json() + "\n", encoding="utf-8")
+        except OSError as e:
+            raise SurgeryError(f"cannot write {json_out}: {e.strerror or e}") from None
+        say(f"json: {json_out}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--base-model", default=None, help="Hub id of the model that was edited (default: from surgery.json).")
+@click.option("--license", "license_id", default=None,
+              help="Licence id for the card (default: inherited from the base model's card, config or GGUF).")
+def card(folder, base_model, license_id):
+    """Write FOLDER/README.md, a model card built from FOLDER/surgery.json, and list it in the manifest."""
+    from .release import write_card
+
+    write_card(folder, base_model=base_model, license=license_id, say=_say)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", "--branch", "revision", default=None, help="Branch to commit to (created if missing).")
+@click.option("--large", is_flag=True, help="Require the resumable multi-commit upload (huggingface_hub 2.x + hf_xet).")
+def push(folder, repo_id, private, revision, large):
+    """Verify FOLDER against surgery.json, then upload it to the Hub model repo REPO_ID.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed."""
+    from .release import push as run
+
+    res = run(folder, repo_id, private=private, revision=revision, large=large, say=_say)
+    _say(f"committed {len(res.files)} files: {res.commit_message}")
+    _say(res.repo_url + (f"/tree/{res.revision}" if res.revision else ""))
+
+
 if __name__ == "__main__":
     main()
