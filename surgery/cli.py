@@ -290,5 +290,55 @@ def push(folder, repo_id, private, revision, large):
     _say(res.repo_url + (f"/tree/{res.revision}" if res.revision else ""))
 
 
+@main.command("merge-lora")
+@click.argument("model")
+@click.option("--adapter", required=True, help="PEFT LoRA adapter: a folder or a Hub id.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
+@click.option("--adapter-revision", default=None, help="Hub revision of the adapter.")
+@click.option("--revision", default=None, help="Hub revision of MODEL.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+def merge_lora(model, adapter, out, adapter_revision, revision, allow_pickle, overwrite, max_shard_size):
+    """Merge a PEFT LoRA ADAPTER into MODEL, tensor by tensor, and write OUT (with surgery.json)."""
+    from .adapters import merge_adapter
+
+    merge_adapter(model, adapter, out, overwrite=overwrite, revision=revision, adapter_revision=adapter_revision,
+                  allow_pickle=allow_pickle, max_shard_bytes=int(max_shard_size * 1e9), say=_say)
+
+
+@main.command("safe-lora")
+@click.option("--aligned", required=True, help="The aligned (chat) model the update was trained from.")
+@click.option("--base", default=None, help="Its unaligned base model: V = W_aligned - W_base.")
+@click.option("--directions", "directions_file", type=click.Path(path_type=Path), default=None,
+              help="Without a base model: refusal directions (`surgery directions`) span the subspace.")
+@click.option("--direction-span", type=click.Choice(["best", "all"]), default="best", show_default=True,
+              help="With --directions: the chosen direction only, or every candidate.")
+@click.option("--adapter", default=None, help="The fine-tuning update as a PEFT LoRA adapter (folder or Hub id).")
+@click.option("--finetuned", default=None, help="The fine-tuning update as a full fine-tuned model (dW = W_ft - W_aligned).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--projector", type=click.Choice(["fast", "exact"]), default="fast", show_default=True,
+              help="fast: C = V V^T / ||V||_F (the paper's); exact: projector onto V's top singular vectors.")
+@click.option("--energy", type=float, default=0.99, show_default=True, help="Exact projector: energy of V kept.")
+@click.option("--threshold", type=float, default=None, help="Project modules with cosine <= this [default: 0.5].")
+@click.option("--top-k", type=int, default=None, help="Instead: project the K modules with the lowest cosine.")
+@click.option("--emit-adapter", is_flag=True, help="Write the projected adapter (PEFT format) instead of merging.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+def safe_lora_cmd(aligned, base, directions_file, direction_span, adapter, finetuned, out, projector, energy, threshold,
+                  top_k, emit_adapter, allow_pickle, overwrite, max_shard_size):
+    """Safe-LoRA: project poorly aligned fine-tuning updates onto the alignment subspace, then merge into
+    the aligned model (or emit the projected adapter).  Prints and saves the per-module table."""
+    from .pipeline import safe_lora
+
+    if threshold is not None and top_k is not None:
+        raise click.UsageError("give --threshold or --top-k, not both")
+    safe_lora(aligned, out, base=base, directions=directions_file, adapter=adapter, finetuned=finetuned,
+              projector=projector, energy=energy, threshold=threshold, top_k=top_k, emit_adapter=emit_adapter,
+              direction_span=direction_span, overwrite=overwrite, allow_pickle=allow_pickle,
+              max_shard_bytes=int(max_shard_size * 1e9), say=_say)
+
+
 if __name__ == "__main__":
     main()

@@ -403,3 +403,198 @@ def evaluate_models(base: LoadedModel, patched: LoadedModel, prompts: PromptConf
     table = format_table({"original": summary_row(before), "patched": summary_row(after)})
     say("\n" + table)
     return {"before": before, "after": after, "table": table}
+
+
+# ----------------------------------------------------------------------------- Safe-LoRA (methods.md §3)
+@dataclass
+class SafeLoraResult:
+    """What :func:`safe_lora` produced: the table rows (``ModuleRow``) and the projected modules."""
+    out: Path
+    rows: list
+    projected: list[str]
+    subspace: str  # "base" | "directions"
+    update: str  # "adapter" | "finetuned"
+    emitted_adapter: bool = False
+
+
+def _out_in(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.T if layout in ("in_out", "rows") else t
+
+
+def _weight(reader: CheckpointReader, arch, name: str, shape_only: bool = False):
+    """Tensor ``name`` of ``reader`` (a tied model's lm_head is its embedding); None if absent."""
+    if name not in reader and name in arch.lm_head_names and arch.tied(reader.config):
+        name = arch.find_embedding(reader.names) or name
+    if name not in reader:
+        return None
+    return tuple(reader.shape(name)) if shape_only else reader.get(name)
+
+
+def _same_shape(a: CheckpointReader, arch_a, b: CheckpointReader, arch_b, name: str, a_what: str, b_what: str) -> None:
+    sa, sb = _weight(a, arch_a, name, True), _weight(b, arch_b, name, True)
+    if sb is None:
+        raise SurgeryError(f"the {b_what} model in {b.folder} has no tensor {name}")
+    if sa != sb:
+        raise SurgeryError(f"tensor {name}: shape {sa} in the {a_what} model but {sb} in the {b_what} model ({b.folder})")
+
+
+def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directions: str | Path | None = None,
+              adapter=None, finetuned: str | None = None, projector: str = "fast", energy: float = 0.99,
+              threshold: float | None = 0.5, top_k: int | None = None, emit_adapter: bool = False,
+              direction_span: str = "best", overwrite: bool = False, revision: str | None = None,
+              allow_pickle: bool = False, max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> SafeLoraResult:
+    """Safe-LoRA (surgery.edits.safe_lora): measure every target module's cosine
+    against the alignment subspace (``base`` model, or refusal ``directions``),
+    project the poorly aligned updates (``adapter``, or ``finetuned`` - aligned),
+    then merge into the aligned model by streaming (or, with ``emit_adapter``,
+    write the projected adapter).  Everything is checked before the first tensor
+    is read; the per-module table is printed, saved as ``safe_lora.json`` and put
+    in the manifest."""
+    import contextlib
+    import json
+
+    from .adapters.peft import LoraAdapter, load_adapter, merge_edit, save_peft_adapter
+    from .edits import safe_lora as sl
+
+    say = _say(say)
+    out = Path(out)
+    if (base is None) == (directions is None):
+        raise SurgeryError("safe-lora needs exactly one alignment subspace: a base model (--base) or refusal directions (--directions)")
+    if (adapter is None) == (finetuned is None):
+        raise SurgeryError("safe-lora needs exactly one update: a LoRA adapter (--adapter) or a fine-tuned model (--finetuned)")
+    if emit_adapter and adapter is None:
+        raise SurgeryError("--emit-adapter needs --adapter (a fine-tuned model has no low-rank form to emit)")
+    if projector not in sl.PROJECTORS:
+        raise SurgeryError(f"projector must be one of {', '.join(sl.PROJECTORS)}, got {projector!r}")
+    if not 0.0 < energy <= 1.0:
+        raise SurgeryError(f"energy must be in (0, 1], got {energy}")
+    if top_k is not None and top_k < 1:
+        raise SurgeryError(f"top-k must be at least 1, got {top_k}")
+    if direction_span not in ("best", "all"):
+        raise SurgeryError(f"direction span must be 'best' or 'all', got {direction_span!r}")
+    threshold = None if top_k is not None else (sl.DEFAULT_THRESHOLD if threshold is None else float(threshold))
+    CheckpointWriter.check_target(out, overwrite)
+
+    with contextlib.ExitStack() as stack:
+        res_al, r_al, arch = open_model(aligned, revision, allow_pickle, say)
+        stack.callback(r_al.close)
+        infos = arch.place(r_al.names, r_al.config)
+        extra: dict = {}
+        r_base = dirs = dir_proj = None
+        if base is not None:
+            res_b, r_base, arch_b = open_model(base, None, allow_pickle, say)
+            stack.callback(r_base.close)
+            extra["base"] = input_info(res_b, r_base)
+        else:
+            dirs = Directions.load(directions)
+            dirs.check_width(arch.hidden_size(r_al.config), f"aligned model {aligned}")
+            vecs = [dirs.best.vector] if direction_span == "best" else [c.vector for c in dirs.candidates]
+            dir_proj = sl.Projector(sl.direction_matrix(vecs), projector, energy)
+            say(f"alignment subspace: {len(vecs)} refusal direction(s) from {directions}")
+
+        # targets: (module, tensor, layout)
+        if adapter is not None:
+            ad = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter, None, allow_pickle)
+            plan = ad.check_against(r_al)
+            for n in plan.notes:
+                say(n)
+            targets = [(m, t, plan.layouts[t]) for t, m in plan.deltas.items()]
+            extra["adapter"] = ad.describe()
+            r_ft = None
+        else:
+            res_ft, r_ft, arch_ft = open_model(finetuned, None, allow_pickle, say)
+            stack.callback(r_ft.close)
+            extra["finetuned"] = input_info(res_ft, r_ft)
+            ft_infos = arch_ft.place(r_ft.names, r_ft.config)
+            targets = [(n, n, i.layout) for n, i in ft_infos.items() if i.layer is not None and i.layout in ("out_in", "in_out")]
+            for _, t, _ in targets:
+                _same_shape(r_ft, arch_ft, r_al, arch, t, "fine-tuned", "aligned")
+        if r_base is not None:
+            for _, t, _ in targets:
+                _same_shape(r_al, arch, r_base, arch_b, t, "aligned", "base")
+        if not targets:
+            raise SurgeryError("safe-lora: the update has no module to project")
+
+        def module_projector(t: str, layout: str):
+            """(projector, aligned weight as (out, in) or None when not needed) for tensor ``t``;
+            the projector is None when the subspace does not apply to ``t``."""
+            need = dir_proj is None or r_ft is not None
+            w_al = _out_in(_weight(r_al, arch, t), layout).float() if need else None
+            if dir_proj is not None:
+                info = infos.get(t)
+                return (dir_proj if info is not None and info.writes_residual else None), w_al
+            v = w_al - _out_in(_weight(r_base, arch_b, t), layout).float()
+            return sl.Projector(v, projector, energy), w_al
+
+        say(f"measuring {len(targets)} modules ({projector} projector)")
+        rows, new_B = [], {}
+        for m, t, layout in targets:
+            P, w_al = module_projector(t, layout)
+            if P is None:
+                rows.append(sl.ModuleRow(m, t, None, note="output is not the residual stream: kept"))
+                continue
+            if r_ft is None:
+                lm = ad.modules[m]
+                new_B[m] = P.apply(lm.B)
+                cos, nb, npj = sl.lora_cosine(lm.A, lm.B, new_B[m], lm.scaling)
+            else:
+                dw = _out_in(r_ft.get(t), layout).float() - w_al
+                cos, nb, npj = sl.cosine(P.apply(dw), dw)
+                if nb == 0.0:
+                    continue  # unchanged by the fine-tuning
+            rows.append(sl.ModuleRow(m, t, cos, norm_before=nb, norm_after=nb, norm_projected=npj, rank=P.rank))
+            del P, w_al
+        projected = sl.select(rows, threshold, top_k)
+        say(sl.format_table(rows))
+        say(f"projected {len(projected)} of {len(rows)} modules")
+
+        selection = {"top_k": top_k} if top_k is not None else {"threshold": threshold, "rule": "cos <= threshold"}
+        subspace = "base" if base is not None else "directions"
+        params = {"subspace": "base model: V = W_aligned - W_base" if base is not None else
+                  f"refusal directions ({direction_span}): V = unit direction(s) as columns, output (residual) space",
+                  "update": "adapter" if adapter is not None else "finetuned: dW = W_finetuned - W_aligned",
+                  "projector": projector, "formula": ("C X = V (V^T X) / ||V||_F" if projector == "fast" else
+                                                      "P X = U_k (U_k^T X), k: energy of sum sigma^2"),
+                  "energy": energy if projector == "exact" else None, "selection": selection,
+                  "projected": projected, "compute_dtype": "float32"}
+        report = {"subspace": subspace, "update": params["update"], "projector": projector, "selection": selection,
+                  "rows": [r.to_dict() for r in rows]}
+        extra["safe_lora"] = report
+        manifest = build_manifest(input_info=input_info(res_al, r_al), method="safe-lora", parameters=params,
+                                  direction=direction_record(Path(directions), dirs) if dirs is not None else None,
+                                  extra=extra)
+        files = {"safe_lora.json": (json.dumps(report, indent=2) + "\n").encode()}
+
+        if r_ft is None:
+            pad = ad.with_modules({m: ad.modules[m].with_B(new_B[m]) for m in projected})
+            if emit_adapter:
+                cfg = ad.config
+                manifest["edited"] = {"count": len(projected), "modules": projected}
+                save_peft_adapter(out, pad.modules, use_rslora=bool(cfg.get("use_rslora")),
+                                  fan_in_fan_out=bool(cfg.get("fan_in_fan_out")), target_modules=cfg.get("target_modules"),
+                                  base_model_name_or_path=cfg.get("base_model_name_or_path") or aligned,
+                                  modules_to_save=cfg.get("modules_to_save"), bias=cfg.get("bias") or "none",
+                                  extra_tensors={k: pad.read(k) for k in pad.replacements.values()},
+                                  files=files, manifest=manifest, overwrite=overwrite)
+                say(f"wrote the projected adapter {out}")
+            else:
+                plan = pad.check_against(r_al)
+                edit, more = merge_edit(r_al, pad, plan)
+                write_edited(r_al, out, edit, overwrite=overwrite, extra=more, config_updates=plan.config_updates,
+                             files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
+        else:
+            chosen = {r.tensor: r for r in rows if r.projected}
+            layouts = {t: layout for _, t, layout in targets}
+
+            def edit(name, tensor):
+                if name not in chosen:
+                    return None
+                P, w_al = module_projector(name, layouts[name])
+                dw = _out_in(tensor, layouts[name]).float() - w_al
+                new = w_al + P.apply(dw)
+                return (new.T if layouts[name] in ("in_out", "rows") else new).contiguous()
+
+            write_edited(r_ft, out, edit, overwrite=overwrite, files=files, manifest=manifest,
+                         max_shard_bytes=max_shard_bytes, say=say)
+    return SafeLoraResult(out, rows, projected, subspace, "adapter" if adapter is not None else "finetuned",
+                          emit_adapter)
