@@ -290,6 +290,56 @@ def push(folder, repo_id, private, revision, large):
     _say(res.repo_url + (f"/tree/{res.revision}" if res.revision else ""))
 
 
+@main.group(cls=Group)
+def sae() -> None:
+    """Sparse autoencoders (SAILS): train TopK SAEs on a model's residual stream."""
+
+
+@sae.command("train")
+@click.argument("model")
+@click.option("--layers", required=True, help="Layers whose residual-stream input to train on, e.g. 5,10 or 4-8.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output folder; one SAE per layer in OUT/layer_L/ (SAELens layout).")
+@click.option("--d-sae", type=int, default=None, help="Latents per SAE (default: --expansion x hidden size).")
+@click.option("--expansion", type=int, default=8, show_default=True)
+@click.option("--k", "k", type=int, default=32, show_default=True, help="Active latents per token (TopK).")
+@click.option("--steps", type=int, default=None, help="Training steps (default: 20 epochs).")
+@click.option("--epochs", type=float, default=None, help="Training epochs over the activations.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(16384 / d_sae)).")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Activations per training step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--corpus", "corpus", multiple=True,
+              help="Text file(s) to train on (TXT/JSONL/CSV, repeatable), used as is. Default: the built-in harmful "
+                   "and harmless train prompts in the chat template plus the model's own replies.")
+@click.option("--column", default=None, help="Column holding the text in JSONL/CSV corpus files.")
+@click.option("--limit", type=int, default=None, help="At most N texts per prompt set / file.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Reply length for the default corpus.")
+@click.option("--positions", default="all", show_default=True,
+              help="Token positions to train on: all, last, or a comma list like -1,-2.")
+@click.option("--skip-first", type=int, default=1, show_default=True,
+              help="With --positions all, leave out each text's first N tokens (the attention sink).")
+@click.option("--overwrite", is_flag=True, help="Replace existing OUT/layer_L folders.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer metrics as JSON.")
+@model_options
+def sae_train(model, layers, out, d_sae, expansion, k, steps, epochs, lr, batch_size, seed, corpus, column, limit,
+              max_new_tokens, positions, skip_first, overwrite, as_json, revision, allow_pickle, device):
+    """Train one TopK SAE per layer on MODEL's residual stream and save them under OUT."""
+    from .sae.train import train_model_saes
+
+    if positions not in ("all", "last"):
+        try:
+            positions = [int(p) for p in positions.split(",") if p.strip()]
+        except ValueError:
+            raise click.BadParameter(f"cannot read positions {positions!r} (all, last, or e.g. -1,-2)") from None
+    res = train_model_saes(model, out, _layers(layers) or [], d_sae=d_sae, expansion=expansion, k=k, steps=steps,
+                           epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, corpus_files=corpus, column=column,
+                           limit=limit, max_new_tokens=max_new_tokens, positions=positions, skip_first=skip_first,
+                           overwrite=overwrite, revision=revision, allow_pickle=allow_pickle, device=device,
+                           say=(lambda m: None) if as_json else _say)
+    if as_json:
+        click.echo(json.dumps({str(l): m for l, m in res.items()}, indent=2))
+
+
 @main.command("merge-lora")
 @click.argument("model")
 @click.option("--adapter", required=True, help="PEFT LoRA adapter: a folder or a Hub id.")
