@@ -390,5 +390,102 @@ def safe_lora_cmd(aligned, base, directions_file, direction_span, adapter, finet
               max_shard_bytes=int(max_shard_size * 1e9), say=_say)
 
 
+def train_options(f):
+    """Options shared by the training methods (lora-sft, sails)."""
+    for opt in reversed([
+        click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder."),
+        click.option("--layers", default=None, help="Adapt only these layers, e.g. 10-24 (default: all)."),
+        click.option("--epochs", type=int, default=3, show_default=True),
+        click.option("--lr", type=float, default=None, help="Learning rate (default: the method's)."),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--kl-weight", type=float, default=1.0, show_default=True,
+                     help="Weight of the KL to the original on the kept (harmless, borderline) replies."),
+        click.option("--first-token-weight", type=float, default=5.0, show_default=True,
+                     help="How many tokens the reply's first token counts for in both losses."),
+        click.option("--max-over-refusal", type=float, default=0.10, show_default=True,
+                     help="Early-stopping budget: harmless refusal on the validation split."),
+        click.option("--max-kl", type=float, default=0.3, show_default=True,
+                     help="Early-stopping budget: first-token KL on harmless validation prompts."),
+        click.option("--reply-tokens", type=int, default=40, show_default=True,
+                     help="Length of the model's own replies used as kept behaviour."),
+        click.option("--no-own-refusals", is_flag=True,
+                     help="Use only the project's refusal texts (not the model's own refusals under a safety prompt)."),
+        click.option("--no-adapter", is_flag=True, help="Do not also write the PEFT adapter to OUT/adapter/."),
+        click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end)."),
+    ]):
+        f = opt(f)
+    return prompt_options(model_options(f))
+
+
+def _run_train(method, model, o, default_lr):
+    from .training import TrainConfig
+    from .training.harden import train_harden
+
+    cfg = TrainConfig(epochs=o["epochs"], lr=o["lr"] or default_lr, batch_size=o["batch_size"], seed=o["seed"],
+                      kl_weight=o["kl_weight"], first_token_weight=o["first_token_weight"],
+                      max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"])
+    train_harden(model, o["out"], method, config=cfg,
+                 prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),
+                 reply_tokens=o["reply_tokens"], own_refusals=not o["no_own_refusals"],
+                 save_adapter=not o["no_adapter"], run_eval=not o["no_eval"], overwrite=o["overwrite"],
+                 revision=o["revision"], allow_pickle=o["allow_pickle"], device=o["device"], say=_say)
+
+
+LORA_PRESETS = {
+    # Xue & Mirzasoleiman 2025's best setting: rank 1 on up_proj, middle-to-late layers, lr 5e-5
+    "paper": {"rank": 1, "targets": ("up_proj",), "layers": "middle-late", "lr": 5e-5},
+}
+
+
+@main.command("lora-sft")
+@click.argument("model")
+@train_options
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--targets", default="writers", show_default=True,
+              help="Module kinds (o_proj,down_proj,up_proj...) or writers / attn_out / mlp_out.")
+@click.option("--preset", type=click.Choice(sorted(LORA_PRESETS)), default=None,
+              help="paper: rank 1, up_proj only, middle-to-late layers, lr 5e-5 (Xue & Mirzasoleiman 2025).")
+def lora_sft(model, rank, targets, preset, **o):
+    """Harden MODEL by plain LoRA refusal fine-tuning, merged into OUT."""
+    from .training.harden import LoraSFT
+
+    layers = _layers(o["layers"])
+    tg = tuple(t.strip() for t in targets.split(",") if t.strip())
+    lr = 5e-4
+    if preset:
+        p = LORA_PRESETS[preset]
+        rank, tg, lr = p["rank"], p["targets"], p["lr"]
+        if layers is None and p["layers"] == "middle-late":
+            from .pipeline import open_model
+
+            _, reader, arch = open_model(model, o["revision"], o["allow_pickle"], _say)
+            n = arch.num_layers(reader.config)
+            reader.close()
+            layers = list(range(n // 3, n - n // 6))
+    _run_train(LoraSFT(rank=rank, targets=tg, layers=layers), model, o, lr)
+
+
+@main.command()
+@click.argument("model")
+@train_options
+@click.option("--sae", default=None, help="SAEs: a folder from `surgery sae train` (layer_L/ subfolders), an "
+              "SAELens folder or Hub id (default: train TopK SAEs now).")
+@click.option("--sae-layers", default="8,16", show_default=True, help="Layers of the SAEs / safety subspaces.")
+@click.option("--k-features", type=int, default=64, show_default=True, help="SAE features kept per layer.")
+@click.option("--variance", type=float, default=0.80, show_default=True, help="PCA energy kept of their directions.")
+@click.option("--contrast", type=click.Choice(["prompt", "response", "both"]), default="both", show_default=True,
+              help="Which activations score the features (see surgery.training.sails).")
+@click.option("--train-b", is_flag=True, help="Also train B (default: B = U frozen, only A trains).")
+def sails(model, sae, sae_layers, k_features, variance, contrast, train_b, **o):
+    """Harden MODEL with SAILS: LoRA in an SAE-built safety subspace, trained on refusal data, merged into OUT."""
+    from .training.sails import Sails
+
+    m = Sails(sae=sae, sae_layers=_layers(sae_layers) or [], layers=_layers(o["layers"]), k_features=k_features,
+              variance=variance, contrast=contrast, train_b=train_b, seed=o["seed"])
+    _run_train(m, model, o, 1e-3)
+
+
 if __name__ == "__main__":
     main()

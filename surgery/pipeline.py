@@ -165,6 +165,7 @@ def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool =
         copy_aux_files(reader.folder, wr.tmp_dir, config_updates)
         for rel, content in (files or {}).items():
             dst = wr.tmp_dir / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, Path):
                 shutil.copyfile(content, dst)
             else:

@@ -1,0 +1,132 @@
+"""Hardening by training adapters, end to end: ``surgery lora-sft`` and
+``surgery sails``.
+
+Flow (:func:`train_harden`): check the output target and prompt sets → load
+the model → build refusal data (train splits) → the method builds its
+``LoraSpec`` (SAILS: SAE + safety subspace) → attach PEFT adapters → train with
+validation-based early stopping (val splits) → save the adapter in PEFT format
+→ switch the live model back to the original → stream the merge into the new
+checkpoint (``surgery.adapters`` merge, the same code as ``surgery merge-lora``)
+with the manifest → before/after evaluation on the test split.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..checkpoint import CheckpointWriter
+from ..errors import SurgeryError
+from ..manifest import build_manifest, update_manifest
+from ..model import LoadedModel, load_model
+from .data import RefusalData, build_refusal_data
+from .lora import LoraSpec, attach, trainable_parameters
+from .trainer import TrainConfig, TrainResult, train
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class TrainedResult:
+    out: Path
+    method: str
+    spec: dict
+    training: dict
+    data: dict
+    trainable_parameters: int
+    extra: dict = field(default_factory=dict)
+    evaluation: dict | None = None
+
+
+class TrainMethod:
+    """What differs between training methods: the adapter spec (and the
+    artifacts it was built from)."""
+    name = "train"
+
+    def build_spec(self, lm: LoadedModel, prompts, data: RefusalData, work: Path, say: Say) -> LoraSpec:
+        raise NotImplementedError
+
+    def manifest_extra(self) -> dict:
+        return {}
+
+    def files(self, work: Path) -> dict[str, Path]:
+        return {}
+
+
+class LoraSFT(TrainMethod):
+    """Plain LoRA refusal fine-tuning (methods.md §5), PEFT's default init."""
+    name = "lora-sft"
+
+    def __init__(self, rank: int = 8, targets: Sequence[str] = ("writers",), layers: Sequence[int] | None = None,
+                 alpha: float | None = None):
+        self.spec = LoraSpec(rank=rank, alpha=alpha, targets=tuple(targets), layers=layers)
+
+    def build_spec(self, lm, prompts, data, work, say):
+        return self.spec
+
+
+def _adapter_files(folder: Path) -> dict[str, Path]:
+    return {f"adapter/{p.name}": p for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: TrainConfig | None = None,
+                 prompts=None, reply_tokens: int = 40, own_refusals: bool = True, save_adapter: bool = True,
+                 run_eval: bool = True, eval_tokens: int = 48, overwrite: bool = False, revision: str | None = None,
+                 allow_pickle: bool = False, device: str | None = None, max_shard_bytes: int = 5_000_000_000,
+                 say: Say | None = None, progress: bool = True) -> TrainedResult:
+    from ..adapters.peft import load_adapter, merge_edit
+    from ..pipeline import PromptConfig, _say, evaluate_models, input_info, open_model, write_edited
+
+    say = _say(say)
+    out = Path(out)
+    CheckpointWriter.check_target(out, overwrite)
+    prompts = prompts or PromptConfig()
+    config = config or TrainConfig()
+    resolved, reader, arch = open_model(source, revision, allow_pickle, say)
+    with reader:
+        sets = ["harmful", "harmless"] + (["borderline"] if prompts.borderline else [])
+        train_sets = {k: prompts.load(k, "train").subset(prompts.n_train) for k in sets}
+        val = {k: prompts.load(k, "val").subset(prompts.n_val) for k in sets}
+        harmful, keep = train_sets["harmful"], [train_sets[k] for k in sets[1:]]
+        lm = load_model(resolved.folder, device=device)
+        say(f"refusal data: {len(harmful)} harmful -> refusals, "
+            + " + ".join(f"{len(k)} {k.source}" for k in keep) + " -> the model's own replies")
+        data = build_refusal_data(lm, harmful, keep, reply_tokens=reply_tokens, own_refusals=own_refusals,
+                                  seed=config.seed)
+        say(f"  {data.counts()}")
+        with tempfile.TemporaryDirectory(prefix="surgery-") as work_s:
+            work = Path(work_s)
+            spec = method.build_spec(lm, prompts, data, work, say)
+            pm, targets = attach(lm, spec, seed=config.seed)
+            n_train = trainable_parameters(pm)
+            say(f"{method.name}: {len(targets)} modules, {n_train:,} trainable parameters "
+                f"({n_train / sum(p.numel() for p in lm.model.parameters()):.3%} of the model)")
+            result: TrainResult = train(lm, pm, data, {k: list(v.prompts) for k, v in val.items()}, config,
+                                        say=say, progress=progress)
+            say(f"training: {result.steps} steps in {result.seconds:.0f}s; {result.stopped}")
+            adapter_dir = work / "adapter"
+            pm.save_pretrained(str(adapter_dir))
+            lm.model = pm.unload()  # the live model is the original again (for the before/after evaluation)
+            adapter = load_adapter(adapter_dir)
+            plan = adapter.check_against(reader)
+            edit, extra = merge_edit(reader, adapter, plan)
+            params = {"lora": spec.describe(), "training": config.describe(), "trainable_parameters": n_train,
+                      "modules": [t.module for t in targets], "result": result.describe(),
+                      "merge": "W' = W + (lora_alpha / r) * B @ A, computed in float32, stored in the input dtype"}
+            datasets = {"refusal_data": data.describe(), **{f"{k}_val": v.describe() for k, v in val.items()}}
+            manifest = build_manifest(input_info=input_info(resolved, reader), method=method.name,
+                                      parameters=params, datasets=datasets, extra=method.manifest_extra())
+            files = {**(_adapter_files(adapter_dir) if save_adapter else {}), **method.files(work)}
+            write_edited(reader, out, edit, overwrite=overwrite, extra=extra, config_updates=plan.config_updates,
+                         files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
+        res = TrainedResult(out, method.name, spec.describe(), result.describe(), data.describe(), n_train,
+                            method.manifest_extra())
+        if run_eval:
+            patched = load_model(out, device=device)
+            res.evaluation = evaluate_models(lm, patched, prompts, eval_tokens, say)
+            update_manifest(out, evaluation=res.evaluation)
+        return res

@@ -1,0 +1,241 @@
+"""A small, seeded LoRA training loop for refusal data (the one trainer behind
+``surgery lora-sft`` and ``surgery sails``).
+
+Loss per batch = cross-entropy on the refusal tokens of ``refuse`` examples
++ ``kl_weight`` x KL(original || adapted) over the reply positions of ``keep``
+examples.  The original is the same model with its adapters switched off
+(``disable_adapter``), so no second copy is held.  Distilling distributions
+rather than greedy text is what keeps first-token KL low.
+
+Validation: every ``eval_every`` steps (default: each epoch) the adapted model
+answers the validation prompts (greedy, judged by the refusal judge) and its
+first-token KL on harmless validation prompts is measured.  The kept adapter
+state is the best validation point: the highest harmful refusal among points
+within the over-refusal and KL budgets (the same rule as strength sweeps,
+:func:`surgery.tuning.choose`); training stops early once harmful refusal
+reaches ``target_refusal`` within budget, or after ``patience`` validations
+without a better point.  Deterministic on CPU for a given seed.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..evaluation.judges import Judge, MarkerJudge
+from ..evaluation.metrics import first_token_kl, first_token_logprobs, refusal_rate
+from ..model import LoadedModel
+from .data import Example, RefusalData
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    kl_weight: float = 1.0
+    first_token_weight: float = 5.0  # the reply's first token decides refusal: it counts this many tokens
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int | None = None  # steps; None = once per epoch
+    eval_tokens: int = 24
+    max_over_refusal: float = 0.10
+    max_kl: float = 0.3
+    target_refusal: float = 1.0
+    patience: int = 2
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # validation points
+    losses: list[float] = field(default_factory=list)  # per step
+    best: dict | None = None
+    stopped: str = ""
+
+    def describe(self) -> dict:
+        tail = self.losses[-20:]
+        return {"steps": self.steps, "seconds": round(self.seconds, 1), "validation": self.history, "best": self.best,
+                "stopped": self.stopped, "final_loss": (sum(tail) / len(tail)) if tail else None}
+
+
+def _batch(examples: Sequence[Example], pad_id: int, device) -> dict:
+    """Right-padded (positions stay 0..n-1 for every row); ``tgt`` marks the
+    logits that predict reply tokens."""
+    seqs = [e.prompt_ids + e.reply_ids for e in examples]
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    tgt = torch.zeros((len(seqs), n), dtype=torch.bool)  # logit at t predicts token t+1
+    for i, (e, s) in enumerate(zip(examples, seqs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        p = len(e.prompt_ids)
+        tgt[i, p - 1 : len(s) - 1] = True
+    refuse = torch.tensor([e.kind == "refuse" for e in examples])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "tgt": tgt.to(device),
+            "refuse": refuse.to(device)}
+
+
+def _weights(tgt: torch.Tensor, first: float) -> torch.Tensor:
+    """Per-position weights of the selected (reply-predicting) logits: the
+    first of each row counts ``first``, the rest 1."""
+    w = tgt.float()
+    first_pos = tgt.float().argmax(dim=1)
+    w[torch.arange(tgt.shape[0], device=tgt.device), first_pos] = first
+    return w[tgt]
+
+
+def _loss(pm, b: dict, kl_weight: float, first: float = 1.0) -> tuple[torch.Tensor, dict]:
+    out = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    logits = out.logits.float()
+    parts: dict = {}
+    total = logits.new_zeros(())
+    ref_rows = b["refuse"]
+    if ref_rows.any():
+        lg = logits[ref_rows][:, :-1]
+        labels = b["input_ids"][ref_rows][:, 1:]
+        sel = b["tgt"][ref_rows][:, :-1]
+        w = _weights(sel, first)
+        ce = (F.cross_entropy(lg[sel], labels[sel], reduction="none") * w).sum() / w.sum()
+        total = total + ce
+        parts["ce"] = float(ce.detach())
+    keep_rows = ~ref_rows
+    if keep_rows.any() and kl_weight > 0:
+        with torch.no_grad(), pm.disable_adapter():
+            t_logits = pm(input_ids=b["input_ids"][keep_rows], attention_mask=b["attention_mask"][keep_rows],
+                          use_cache=False).logits.float()
+        sel = b["tgt"][keep_rows]
+        t_lp = F.log_softmax(t_logits[sel], dim=-1)
+        s_lp = F.log_softmax(logits[keep_rows][sel], dim=-1)
+        w = _weights(sel, first)
+        kl = (F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1) * w).sum() / w.sum()
+        total = total + kl_weight * kl
+        parts["kl"] = float(kl.detach())
+    return total, parts
+
+
+def _better(p: dict, best: dict | None, cfg: TrainConfig) -> bool:
+    ok = p["harmless_refusal"] <= cfg.max_over_refusal and p["kl"] <= cfg.max_kl
+    if not ok:
+        return False
+    if best is None:
+        return True
+    return (p["harmful_refusal"], -p["harmless_refusal"], -p.get("borderline_refusal", 0.0)) > \
+        (best["harmful_refusal"], -best["harmless_refusal"], -best.get("borderline_refusal", 0.0))
+
+
+def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]], cfg: TrainConfig,
+          judge: Judge | None = None, say: Callable[[str], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train the adapters of ``pm`` (a PEFT model wrapping ``lm.model``) in place;
+    on return ``pm`` holds the best validation point's adapter weights.
+    ``val`` maps ``harmful``/``harmless`` (and optionally ``borderline``) to prompts."""
+    say = say or (lambda m: None)
+    judge = judge or MarkerJudge()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(data.examples) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warm = max(1, int(cfg.warmup * total))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ref_logp = first_token_logprobs(lm, list(val["harmless"]))  # adapters start at zero delta: the original
+    eval_every = cfg.eval_every or steps_per_epoch
+    res = TrainResult(0, 0.0)
+    best_state = None
+    since_best = 0
+    t0 = time.time()
+
+    def validate(step: int) -> bool:
+        nonlocal best_state, since_best
+        pm.eval()
+        p = {"step": step, "epoch": round(step / steps_per_epoch, 2)}
+        for name, prompts in val.items():
+            p[f"{name}_refusal"] = refusal_rate(lm, list(prompts), judge, cfg.eval_tokens)[0]
+        p["kl"] = first_token_kl(ref_logp, first_token_logprobs(lm, list(val["harmless"])))
+        res.history.append(p)
+        good = _better(p, res.best, cfg)
+        say(f"  step {step} (epoch {p['epoch']:g}): harmful {p['harmful_refusal']:.0%}, harmless "
+            f"{p['harmless_refusal']:.0%}" + (f", borderline {p['borderline_refusal']:.0%}" if "borderline_refusal" in p
+                                              else "") + f", KL {p['kl']:.3f}" + ("  *" if good else ""))
+        if good:
+            res.best = p
+            best_state = {k: v.detach().clone() for k, v in pm.named_parameters() if v.requires_grad}
+            since_best = 0
+        else:
+            since_best += 1
+        pm.train()
+        if res.best is not None and res.best["harmful_refusal"] >= cfg.target_refusal:
+            res.stopped = f"target refusal {cfg.target_refusal:.0%} reached within budget"
+            return True
+        if since_best >= cfg.patience and res.best is not None:
+            res.stopped = f"no better validation point in {cfg.patience} validations"
+            return True
+        return False
+
+    pm.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="training", unit="step", leave=False)
+    step = 0
+    stop = False
+    try:
+        for epoch in range(cfg.epochs):
+            order = list(range(len(data.examples)))
+            rng.shuffle(order)
+            for i in range(0, len(order), cfg.batch_size):
+                b = _batch([data.examples[j] for j in order[i : i + cfg.batch_size]], pad, lm.device)
+                loss, parts = _loss(pm, b, cfg.kl_weight, cfg.first_token_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                res.losses.append(float(loss.detach()))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
+                if step % eval_every == 0 or step == total:
+                    if validate(step):
+                        stop = True
+                        break
+            if stop:
+                break
+        if not res.stopped:
+            res.stopped = "all epochs done"
+    finally:
+        if bar is not None:
+            bar.close()
+    pm.eval()
+    if best_state is not None:
+        with torch.no_grad():
+            named = dict(pm.named_parameters())
+            for k, v in best_state.items():
+                named[k].copy_(v)
+    else:
+        res.stopped += "; no validation point within budget: the last state is kept"
+    res.steps = step
+    res.seconds = time.time() - t0
+    return res

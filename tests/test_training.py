@@ -1,0 +1,189 @@
+"""The LoRA trainer, lora-sft and SAILS end to end on the tiny chat model:
+the streamed merge against PEFT's own merge, the subspace constraint of
+SAILS, determinism, and bad inputs refused before training."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from surgery.checkpoint import CheckpointReader
+from surgery.errors import SurgeryError
+from surgery.manifest import read_manifest, verify
+from surgery.model import load_model
+from surgery.pipeline import PromptConfig
+from surgery.prompts import builtin
+from surgery.training import LoraSpec, TrainConfig, attach, build_refusal_data, train
+from surgery.training.harden import LoraSFT, train_harden
+from surgery.training.sails import Sails
+from surgery.training.trainer import _batch, _loss, _weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL = dict(prompts=PromptConfig(n_train=6, n_val=3), reply_tokens=6, run_eval=False, progress=False)
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-2, "eval_tokens": 4, "max_over_refusal": 1.0,
+                          "max_kl": 1e9, **kw})
+
+
+def _data(lm, n=6):
+    return build_refusal_data(lm, builtin("harmful", "train").subset(n), [builtin("harmless", "train").subset(n)],
+                              reply_tokens=6, own_refusals=False)
+
+
+def test_batch_marks_exactly_the_reply_predicting_logits(tiny_chat):
+    lm = load_model(tiny_chat)
+    data = _data(lm, 3)
+    ex = data.examples[:4]
+    b = _batch(ex, 0, lm.device)
+    for i, e in enumerate(ex):
+        row = b["tgt"][i]
+        idx = row.nonzero().flatten().tolist()
+        p, r = len(e.prompt_ids), len(e.reply_ids)
+        assert idx == list(range(p - 1, p + r - 1))  # logit t predicts token t+1: the reply tokens
+        assert b["input_ids"][i, p:p + r].tolist() == e.reply_ids
+    w = _weights(b["tgt"], 5.0)
+    assert float(w.sum()) == sum(len(e.reply_ids) - 1 + 5.0 for e in ex)
+
+
+def test_refusal_data_refuses_empty_sets(tiny_chat):
+    lm = load_model(tiny_chat)
+    with pytest.raises(SurgeryError, match="no harmless"):
+        build_refusal_data(lm, builtin("harmful", "train").subset(2), [], own_refusals=False)
+
+
+def test_kl_term_is_zero_before_training_and_ce_is_cross_entropy(tiny_chat):
+    lm = load_model(tiny_chat)
+    data = _data(lm, 3)
+    pm, _ = attach(lm, LoraSpec(rank=2), seed=0)
+    b = _batch(data.examples, lm.tokenizer.pad_token_id, lm.device)
+    with torch.no_grad():
+        _, parts = _loss(pm, b, 1.0, 1.0)
+    assert parts["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0: the adapted model is the original
+    # ce equals a direct recomputation over the refusal rows' reply tokens
+    with torch.no_grad():
+        logits = lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double()
+    nll, n = 0.0, 0
+    for i, e in enumerate(data.examples):
+        if e.kind != "refuse":
+            continue
+        p = len(e.prompt_ids)
+        lp = torch.log_softmax(logits[i], -1)
+        for j, t in enumerate(e.reply_ids):
+            nll -= float(lp[p - 1 + j, t])
+            n += 1
+    assert parts["ce"] == pytest.approx(nll / n, rel=1e-4)
+    pm.unload()
+
+
+def _train_once(tiny_chat, seed):
+    lm = load_model(tiny_chat)
+    data = _data(lm)
+    pm, _ = attach(lm, LoraSpec(rank=2), seed=seed)
+    val = {"harmful": list(builtin("harmful", "val").subset(2).prompts),
+           "harmless": list(builtin("harmless", "val").subset(2).prompts)}
+    res = train(lm, pm, data, val, _cfg(seed=seed), progress=False)
+    return {k: v.detach().clone() for k, v in pm.named_parameters() if "lora_" in k}, res
+
+
+def test_training_is_deterministic_and_moves_the_adapters(tiny_chat):
+    a, ra = _train_once(tiny_chat, 0)
+    b, _ = _train_once(tiny_chat, 0)
+    c, _ = _train_once(tiny_chat, 1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+    assert ra.steps == 2 * 3 and len(ra.history) == 2  # 12 examples / batch 4 = 3 steps per epoch, 2 epochs
+    assert ra.best is not None
+
+
+def test_lora_sft_streamed_merge_equals_peft_merge(tmp_path, tiny_chat):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    res = train_harden(str(tiny_chat), out, LoraSFT(rank=2, targets=("writers", "up_proj")), config=_cfg(), **SMALL)
+    assert verify(out) == []
+    m = read_manifest(out)
+    assert m["method"]["name"] == "lora-sft"
+    p = m["method"]["parameters"]
+    assert p["training"]["seed"] == 0 and p["trainable_parameters"] == res.trainable_parameters
+    assert m["datasets"]["refusal_data"]["sha256"] == res.data["sha256"]
+    # reference: PEFT's own merge of the emitted adapter into the original
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().state_dict()
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(out) as b:
+        changed = 0
+        for name in a.names:
+            x, y = a.get(name), b.get(name)
+            if any(k in name for k in ("o_proj", "down_proj", "up_proj")) and name.endswith(".weight"):
+                torch.testing.assert_close(y, ref[name], rtol=1e-5, atol=1e-6)
+                changed += int(not torch.equal(x, y))
+            else:
+                assert torch.equal(x, y), name  # untouched tensors byte-identical
+        assert changed == 3 * 4  # three module kinds in four layers
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.num_hidden_layers == 4
+
+
+def test_sails_updates_lie_in_the_safety_subspace(tmp_path, tiny_chat):
+    out = tmp_path / "sails"
+    m = Sails(sae_layers=(1, 3), d_sae=64, sae_k=4, sae_epochs=2, k_features=8)
+    train_harden(str(tiny_chat), out, m, config=_cfg(), **SMALL)
+    assert verify(out) == []
+    man = read_manifest(out)
+    rec = man["sails"]
+    assert set(rec["subspace"]) == {"1", "3"}
+    assert all(len(v["features"]) >= 1 and "top_texts" in v["features"][0] for v in rec["subspace"].values())
+    U = {l: load_file(str(out / "subspace" / f"layer_{l}.safetensors"))["U"].double() for l in (1, 3)}
+    assert (out / "sae" / "layer_1" / "cfg.json").is_file()
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(out) as b:
+        n = 0
+        for name in a.names:
+            if not any(k in name for k in ("o_proj.weight", "down_proj.weight")):
+                assert torch.equal(a.get(name), b.get(name)), name
+                continue
+            layer = int(name.split(".")[2])
+            u = U[1] if layer < 1 else U[3]  # a writer in layer i uses the first subspace layer after i
+            d = (b.get(name) - a.get(name)).double()
+            assert float(d.norm()) > 0
+            resid = d - u @ (u.T @ d)
+            assert float(resid.norm()) <= 1e-5 * float(d.norm()) + 1e-7, name
+            n += 1
+        assert n == 8
+
+
+def test_sails_refuses_an_sae_of_another_width_before_training(tmp_path, tiny_chat):
+    from surgery.sae import random_sae
+
+    sae = random_sae(d_in=48, d_sae=16, k=4, hook_name="blocks.1.hook_resid_pre")
+    sae.save(tmp_path / "saes" / "layer_1")
+    with pytest.raises(SurgeryError, match="width"):
+        train_harden(str(tiny_chat), tmp_path / "o", Sails(sae=str(tmp_path / "saes"), sae_layers=(1,)),
+                     config=_cfg(), **SMALL)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sails_refuses_k_larger_than_the_sae(tmp_path, tiny_chat):
+    with pytest.raises(SurgeryError):
+        train_harden(str(tiny_chat), tmp_path / "o", Sails(sae_layers=(1,), d_sae=8, sae_k=16), config=_cfg(), **SMALL)
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_harmful_examples_fails_before_training(tmp_path, tiny_chat):
+    empty = tmp_path / "harmful.txt"
+    empty.write_text("")
+    with pytest.raises(SurgeryError, match="harmful.txt"):
+        train_harden(str(tiny_chat), tmp_path / "o", LoraSFT(rank=2), config=_cfg(),
+                     prompts=PromptConfig(harmful=str(empty), n_train=6, n_val=3), reply_tokens=6, run_eval=False,
+                     progress=False)
+    assert not (tmp_path / "o").exists()
