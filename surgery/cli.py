@@ -487,5 +487,64 @@ def sails(model, sae, sae_layers, k_features, variance, contrast, train_b, **o):
     _run_train(m, model, o, 1e-3)
 
 
+def rule_options(f):
+    f = click.option("--batch-size", type=int, default=16, show_default=True)(f)
+    f = click.option("--max-new-tokens", type=int, default=48, show_default=True,
+                     help="Length of the model's own replies (utility set).")(f)
+    f = click.option("--limit", type=int, default=None, help="At most N prompts of each set.")(f)
+    f = click.option("--positions", type=click.Choice(["all", "last"]), default="all", show_default=True,
+                     help="Tokens attributed: every reply token, or the last prompt token.")(f)
+    f = click.option("--redundant", type=float, default=0.3, show_default=True,
+                     help="Unit rules: redundant = both ranks < floor(REDUNDANT*n).")(f)
+    f = click.option("--below", type=float, default=0.5, show_default=True,
+                     help="Unit rules: 'below median' = rank < floor(BELOW*n).")(f)
+    f = click.option("--top", type=float, default=0.02, show_default=True,
+                     help="Unit rules: 'high' = the top ceil(TOP*n) units of a matrix.")(f)
+    return f
+
+
+@main.command("units")
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("units.safetensors"), show_default=True,
+              help="Unit map (safetensors); a JSON summary is written next to it.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG of the class shares per layer "
+              "[default: OUT with .png].")
+@rule_options
+@model_options
+def units_cmd(model, out, plot, top, below, redundant, positions, limit, max_new_tokens, batch_size, revision,
+              allow_pickle, device):
+    """SSAH units: attribute every MLP neuron and attention channel of MODEL on a safety and a utility set,
+    classify them (safety-critical, utility-critical, complex, redundant) and save the map, its summary and a PNG."""
+    from .units import Rules, units
+
+    units(model, out, plot=plot, positions=positions, limit=limit, max_new_tokens=max_new_tokens,
+          rules=Rules(top, below, redundant), batch_size=batch_size, revision=revision, allow_pickle=allow_pickle,
+          device=device, say=_say)
+
+
+@main.command("protect")
+@click.option("--aligned", required=True, help="The aligned parent model (folder, .gguf, Hub id, alias).")
+@click.option("--finetuned", required=True, help="Its fine-tuned descendant, whose units are restored.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
+@click.option("--units", "units_file", type=click.Path(path_type=Path), default=None,
+              help="Unit map from `surgery units` run on the ALIGNED model (default: measure it now).")
+@click.option("--include-complex", is_flag=True, help="Restore the complex units too.")
+@rule_options
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
+@click.option("--device", default=None, help="torch device for measuring (default: cuda if available, else cpu).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+def protect_cmd(aligned, finetuned, out, units_file, include_complex, top, below, redundant, positions, limit,
+                max_new_tokens, batch_size, allow_pickle, device, overwrite, max_shard_size):
+    """Restore the safety-critical units of a fine-tuned model from its aligned parent: each unit's column of
+    the write matrix and the rows that produce it, copied exactly; everything else is left byte-identical."""
+    from .units import Rules, protect
+
+    protect(aligned, finetuned, out, units=units_file, include_complex=include_complex, positions=positions,
+            limit=limit, max_new_tokens=max_new_tokens, rules=Rules(top, below, redundant), batch_size=batch_size,
+            overwrite=overwrite, allow_pickle=allow_pickle, device=device,
+            max_shard_bytes=int(max_shard_size * 1e9), say=_say)
+
+
 if __name__ == "__main__":
     main()

@@ -55,6 +55,20 @@ def test_batch_marks_exactly_the_reply_predicting_logits(tiny_chat):
     assert float(w.sum()) == sum(len(e.reply_ids) - 1 + 5.0 for e in ex)
 
 
+def test_refusal_data_kinds(tiny_chat):
+    lm = load_model(tiny_chat)
+    data = _data(lm, 4)
+    assert data.counts() == {"refusal-text": 4, "own-reply": 4, "refusal-trajectory": 4}
+    eos = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for e in data.examples:
+        if e.origin == "refusal-text":
+            assert e.kind == "refuse" and e.reply_ids[-1] == eos  # a refusal is a whole turn
+        if e.origin == "refusal-trajectory":
+            # a refusal's opening after a harmless prompt, kept as the original would continue it
+            assert e.kind == "keep" and len(e.reply_ids) == 6
+            assert e.prompt in builtin("harmless", "train").prompts
+
+
 def test_refusal_data_refuses_empty_sets(tiny_chat):
     lm = load_model(tiny_chat)
     with pytest.raises(SurgeryError, match="no harmless"):
@@ -102,7 +116,8 @@ def test_training_is_deterministic_and_moves_the_adapters(tiny_chat):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
-    assert ra.steps == 2 * 3 and len(ra.history) == 2  # 12 examples / batch 4 = 3 steps per epoch, 2 epochs
+    # 6 refusals + 6 kept replies + 6 refusal trajectories on kept prompts = 18 examples: 5 steps of 4, 2 epochs
+    assert ra.steps == 2 * 5 and len(ra.history) == 2
     assert ra.best is not None
 
 

@@ -129,6 +129,8 @@ def format_table(rows: dict[str, dict]) -> str:
                 cells.append("-")
             elif c.endswith("_refusal"):
                 cells.append(f"{100 * v:.1f}%")
+            elif isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
+                cells.append(f"{int(v):,}")
             else:
                 cells.append(f"{v:.3f}")
         lines.append(cells)

@@ -10,6 +10,12 @@ harmless (and borderline) prompt → the model's own reply.
   loss against the model with its adapters switched off), not just its greedy
   text: greedy targets make the model more peaked than the original and drive
   first-token KL up (docs/findings: KL 1.25 with greedy targets).
+* Refusal trajectories on kept prompts (``refusal_trajectories``): the same KL,
+  along the first tokens of a refusal text after a harmless prompt.  Teacher
+  forcing on the model's own replies never visits a refusal prefix, so without
+  these the adapted model is free to continue "I" with "'m sorry" on harmless
+  prompts; the original, which barely refuses, gives those continuations low
+  probability, and matching it there is what keeps over-refusal down.
 
 Every example stores token ids (prompt rendered with the chat template, reply
 ending with the end-of-turn token when the reply was complete), so the trainer
@@ -72,7 +78,7 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
 
 def build_refusal_data(lm: LoadedModel, harmful: PromptSet, keep: Sequence[PromptSet], *, reply_tokens: int = 40,
                        own_refusals: bool = True, judge: Judge | None = None, seed: int = 0,
-                       batch_size: int = 32) -> RefusalData:
+                       batch_size: int = 32, refusal_trajectories: int = 6) -> RefusalData:
     """Examples for refusal training.  ``keep`` are the sets whose behaviour is
     kept (harmless, borderline).  Raises before any generation when a set is
     empty (a trainer without harmful examples would teach nothing)."""
@@ -110,7 +116,10 @@ def build_refusal_data(lm: LoadedModel, harmful: PromptSet, keep: Sequence[Promp
         for p, pid, r in zip(prompts, prompt_ids(prompts), ids):
             done = len(r) < reply_tokens
             examples.append(Example(p, pid, list(r) + (eos[:1] if done else []), "keep", "own-reply"))
+            if refusal_trajectories > 0:
+                traj = tok(rng.choice(texts), add_special_tokens=False)["input_ids"][:refusal_trajectories]
+                examples.append(Example(p, pid, traj, "keep", "refusal-trajectory"))
     meta = {"harmful": harmful.describe(), "keep": [k.describe() for k in keep], "reply_tokens": reply_tokens,
             "own_refusals": own_refusals, "safety_system_prompt": SAFETY_SYSTEM if own_refusals else None,
-            "seed": seed}
+            "refusal_trajectory_tokens": refusal_trajectories, "seed": seed}
     return RefusalData(examples, meta)
