@@ -43,6 +43,14 @@ def _floats(spec: str) -> list[float]:
 
 
 class Group(click.Group):
+    def main(self, args=None, *a, **kw):
+        """Record the command line (redacted) in every manifest this run writes (see surgery.manifest)."""
+        from .manifest import invocation_record, provenance
+
+        argv = sys.argv[1:] if args is None else list(args)
+        with provenance(invocation=invocation_record(["surgery", *argv])):
+            return super().main(args, *a, **kw)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -544,6 +552,40 @@ def protect_cmd(aligned, finetuned, out, units_file, include_complex, top, below
             limit=limit, max_new_tokens=max_new_tokens, rules=Rules(top, below, redundant), batch_size=batch_size,
             overwrite=overwrite, allow_pickle=allow_pickle, device=device,
             max_shard_bytes=int(max_shard_size * 1e9), say=_say)
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE",
+              help="Override a variable of the recipe's vars: (repeatable; typed like YAML: 5, 0.1, true, null).")
+@click.option("--dry-run", is_flag=True, help="Check every step against the CLI and print its command; run nothing.")
+def run_cmd(recipe, variables, dry_run):
+    """Run the steps of a YAML RECIPE in order (docs/recipes.md).  Every step is checked before the first runs;
+    each manifest written records the recipe verbatim, so `surgery reproduce` can rerun it."""
+    from .recipes import load_recipe, parse_var_overrides, run_recipe
+
+    run_recipe(load_recipe(recipe, parse_var_overrides(variables)), say=_say, dry_run=dry_run)
+
+
+@main.command("reproduce")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Folder to rerun in (default: a system temporary folder).")
+@click.option("--keep", is_flag=True, help="Keep the rerun's outputs (under --work, or the temporary folder).")
+@click.option("--eval", "run_eval", is_flag=True,
+              help="Also rerun evaluations (they only write to surgery.json, which is not compared).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def reproduce_cmd(folder, work, keep, run_eval, as_json):
+    """Rerun what made FOLDER (the recipe step, else the command line in its surgery.json) and compare every
+    output file's sha256; for differing weights, the largest difference per tensor.  Exit 0 when identical."""
+    import contextlib
+
+    from .reproduce import reproduce
+
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # keep stdout JSON only
+        res = reproduce(folder, work=work, keep=keep, run_eval=run_eval, say=_say)
+    click.echo(res.to_json() if as_json else res.summary())
+    sys.exit(0 if res.identical else 1)
 
 
 if __name__ == "__main__":

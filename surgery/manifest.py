@@ -6,13 +6,26 @@ Every output folder carries a manifest: tool and library versions, the input
 method and every parameter, the evaluation if run, and the sha256 of every
 output file.  ``verify`` recomputes the output hashes and names any file that
 differs, is missing, or is not listed.  The manifest never holds tokens.
+
+How a run is recorded: ``build_manifest`` adds whatever the *provenance
+context* holds (a ``contextvars.ContextVar``), so the many places that build
+manifests need no extra argument.  The CLI's group sets ``invocation`` (the
+command line, redacted, and the working folder) around every command; ``surgery
+run`` sets ``recipe`` (the YAML text verbatim, its sha256, the step and its
+command line) around each step.  ``surgery reproduce`` reads them back.
+Environment variables are never recorded; an argument that looks like a secret
+(``--token X``, ``--api-key=X``, a value shaped like a Hub token) is replaced by
+``<redacted>``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as _dt
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 from . import __version__
@@ -21,6 +34,59 @@ from .errors import ManifestError
 
 MANIFEST = "surgery.json"
 FORMAT = "surgery.manifest/1"
+REDACTED = "<redacted>"
+# whole words of an option name: --token, --hf-token, --api-key, --password (not --max-new-tokens, --author)
+_SECRET_NAME = re.compile(r"(^|[-_])(token|secret|password|passwd|credentials?|auth|api[-_]?key)($|[-_])", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,})\b")
+_PROVENANCE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("surgery_provenance", default=None)
+
+
+@contextlib.contextmanager
+def provenance(**fields):
+    """Within the block, every manifest built records ``fields`` (e.g. ``recipe=...``,
+    ``invocation=...``) as top-level entries; nested blocks add to the outer ones."""
+    token = _PROVENANCE.set({**(_PROVENANCE.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _PROVENANCE.reset(token)
+
+
+def current_provenance() -> dict:
+    return dict(_PROVENANCE.get() or {})
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name.lstrip("-")))
+
+
+def redact_value(value: str) -> str:
+    return _SECRET_VALUE.sub(REDACTED, value)
+
+
+def redact_argv(argv) -> list[str]:
+    """A command line safe to store: the value of any secret-looking option
+    (``--token X``, ``--hf-token=X``) and any token-shaped string become ``<redacted>``."""
+    out: list[str] = []
+    hide_next = False
+    for arg in map(str, argv):
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+        elif arg.startswith("-") and arg != "--" and is_secret_name(arg.split("=", 1)[0]):
+            if "=" in arg:
+                out.append(arg.split("=", 1)[0] + "=" + REDACTED)
+            else:
+                out.append(arg)
+                hide_next = True
+        else:
+            out.append(redact_value(arg))
+    return out
+
+
+def invocation_record(argv) -> dict:
+    """``{"argv": [...], "cwd": ...}`` for a command line (``argv[0]`` is the program)."""
+    return {"argv": redact_argv(argv), "cwd": os.getcwd()}
 
 
 def library_versions() -> dict:
@@ -60,6 +126,7 @@ def build_manifest(*, input_info: dict, method: str, parameters: dict, datasets:
         "direction": direction,
         "method": {"name": method, "parameters": parameters},
         "edited": edited or {},
+        **current_provenance(),
         **(extra or {}),
     }
 

@@ -62,7 +62,7 @@ def test_refusal_data_kinds(tiny_chat):
     eos = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     for e in data.examples:
         if e.origin == "refusal-text":
-            assert e.kind == "refuse" and e.reply_ids[-1] == eos  # a refusal is a whole turn
+            assert e.kind == "imitate" and e.reply_ids[-1] == eos  # a refusal is a whole turn
         if e.origin == "refusal-trajectory":
             # a refusal's opening after a harmless prompt, kept as the original would continue it
             assert e.kind == "keep" and len(e.reply_ids) == 6
@@ -88,7 +88,7 @@ def test_kl_term_is_zero_before_training_and_ce_is_cross_entropy(tiny_chat):
         logits = lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double()
     nll, n = 0.0, 0
     for i, e in enumerate(data.examples):
-        if e.kind != "refuse":
+        if e.kind != "imitate":
             continue
         p = len(e.prompt_ids)
         lp = torch.log_softmax(logits[i], -1)

@@ -44,7 +44,7 @@ class Example:
     prompt: str
     prompt_ids: list[int]
     reply_ids: list[int]
-    kind: str  # "refuse" (cross-entropy on a refusal) or "keep" (match the original's distribution)
+    kind: str  # "imitate" (cross-entropy on the reply, e.g. a refusal) or "keep" (match the original's distribution)
     origin: str  # "own-refusal", "refusal-text", "own-reply"
 
 
@@ -109,7 +109,7 @@ def build_refusal_data(lm: LoadedModel, harmful: PromptSet, keep: Sequence[Promp
                 own[i] = r
     for p, pid, o in zip(hp, prompt_ids(hp), own):
         text, origin = (o, "own-refusal") if o is not None else (rng.choice(texts), "refusal-text")
-        examples.append(Example(p, pid, tok(text, add_special_tokens=False)["input_ids"] + eos[:1], "refuse", origin))
+        examples.append(Example(p, pid, tok(text, add_special_tokens=False)["input_ids"] + eos[:1], "imitate", origin))
     for ps in keep:
         prompts = list(ps.prompts)
         _, ids = generate(lm, prompts, max_new_tokens=reply_tokens, batch_size=batch_size, return_ids=True)

@@ -36,13 +36,15 @@ from .harden import TrainMethod
 from .lora import LoraSpec
 
 CONTRASTS = ("prompt", "response", "both")
+REFUSALS = ("own-refusal", "refusal-text")  # harmful prompts with their refusal
+ANSWERS = ("own-reply",)  # harmless / borderline prompts with the model's own answer
 
 
-def _texts(lm: LoadedModel, data: RefusalData, kind: str, reply_tokens: int | None) -> list[str]:
+def _texts(lm: LoadedModel, data: RefusalData, origins: tuple[str, ...], reply_tokens: int | None) -> list[str]:
     tok = lm.tokenizer
     out = []
     for e in data.examples:
-        if e.kind != kind:
+        if e.origin not in origins:
             continue
         reply = e.reply_ids if reply_tokens is None else e.reply_ids[:reply_tokens]
         out.append(tok.decode(e.prompt_ids + reply))
@@ -89,7 +91,7 @@ class Sails(TrainMethod):
 
         d_sae = self.d_sae or 4 * lm.hidden_size
         check_sizes(d_sae, self.sae_k)
-        texts = _texts(lm, data, "refuse", None) + _texts(lm, data, "keep", None)
+        texts = _texts(lm, data, REFUSALS, None) + _texts(lm, data, ANSWERS, None)
         say(f"training SAEs at layers {self.sae_layers} (d_sae {d_sae}, k {self.sae_k}) on {len(texts)} texts "
             "(refusal training prompts with their replies)")
         acts = collect_activations(lm, texts, self.sae_layers, positions="all", skip_first=1)
@@ -111,8 +113,8 @@ class Sails(TrainMethod):
 
         saes = self._load_saes(lm) if self.sae_source else self._train_saes(lm, data, work, say)
         pos = post_instruction_positions(lm.tokenizer)
-        harm_p = [e.prompt for e in data.examples if e.kind == "refuse"]
-        safe_p = [e.prompt for e in data.examples if e.kind == "keep"]
+        harm_p = [e.prompt for e in data.examples if e.origin in REFUSALS]
+        safe_p = [e.prompt for e in data.examples if e.origin in ANSWERS]
         from ..evaluation.generate import chat_texts
 
         sides_a, sides_b, text_a, text_b = [], [], [], []
@@ -126,9 +128,9 @@ class Sails(TrainMethod):
         if self.contrast in ("response", "both"):
             n = self.response_tokens
             rt = list(range(-n, 0))
-            sides_a.append(collect_activations(lm, _texts(lm, data, "refuse", n), self.sae_layers, positions=rt,
+            sides_a.append(collect_activations(lm, _texts(lm, data, REFUSALS, n), self.sae_layers, positions=rt,
                                                return_index=True))
-            sides_b.append(collect_activations(lm, _texts(lm, data, "keep", n), self.sae_layers, positions=rt,
+            sides_b.append(collect_activations(lm, _texts(lm, data, ANSWERS, n), self.sae_layers, positions=rt,
                                                return_index=True))
             text_a.append([p + "  [refusal]" for p in harm_p])
             text_b.append([p + "  [own answer]" for p in safe_p])

@@ -1,7 +1,7 @@
 """A small, seeded LoRA training loop for refusal data (the one trainer behind
 ``surgery lora-sft`` and ``surgery sails``).
 
-Loss per batch = cross-entropy on the refusal tokens of ``refuse`` examples
+Loss per batch = cross-entropy on the reply tokens of ``imitate`` examples (refusals)
 + ``kl_weight`` x KL(original || adapted) over the reply positions of ``keep``
 examples.  The original is the same model with its adapters switched off
 (``disable_adapter``), so no second copy is held.  Distilling distributions
@@ -83,9 +83,9 @@ def _batch(examples: Sequence[Example], pad_id: int, device) -> dict:
         mask[i, : len(s)] = 1
         p = len(e.prompt_ids)
         tgt[i, p - 1 : len(s) - 1] = True
-    refuse = torch.tensor([e.kind == "refuse" for e in examples])
+    imitate = torch.tensor([e.kind == "imitate" for e in examples])
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "tgt": tgt.to(device),
-            "refuse": refuse.to(device)}
+            "imitate": imitate.to(device)}
 
 
 def _weights(tgt: torch.Tensor, first: float) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _loss(pm, b: dict, kl_weight: float, first: float = 1.0) -> tuple[torch.Tens
     logits = out.logits.float()
     parts: dict = {}
     total = logits.new_zeros(())
-    ref_rows = b["refuse"]
+    ref_rows = b["imitate"]
     if ref_rows.any():
         lg = logits[ref_rows][:, :-1]
         labels = b["input_ids"][ref_rows][:, 1:]
