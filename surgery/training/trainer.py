@@ -88,6 +88,20 @@ def _batch(examples: Sequence[Example], pad_id: int, device) -> dict:
             "imitate": imitate.to(device)}
 
 
+def _length_batches(examples: Sequence[Example], size: int, rng: random.Random, pool: int = 16) -> list[list[int]]:
+    """Shuffled batches of similar lengths (less padding, same examples per
+    epoch): shuffle, sort each pool of ``pool`` batches by length, cut into
+    batches, shuffle the batches."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    out: list[list[int]] = []
+    for i in range(0, len(order), size * pool):
+        chunk = sorted(order[i : i + size * pool], key=lambda j: len(examples[j].prompt_ids) + len(examples[j].reply_ids))
+        out.extend(chunk[k : k + size] for k in range(0, len(chunk), size))
+    rng.shuffle(out)
+    return out
+
+
 def _weights(tgt: torch.Tensor, first: float) -> torch.Tensor:
     """Per-position weights of the selected (reply-predicting) logits: the
     first of each row counts ``first``, the rest 1."""
@@ -147,7 +161,8 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
     rng = random.Random(cfg.seed)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(data.examples) / cfg.batch_size)
+    n, chunk = len(data.examples), cfg.batch_size * 16
+    steps_per_epoch = sum(math.ceil(min(chunk, n - i) / cfg.batch_size) for i in range(0, n, chunk))  # _length_batches
     total = steps_per_epoch * cfg.epochs
     warm = max(1, int(cfg.warmup * total))
 
@@ -202,10 +217,8 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
     stop = False
     try:
         for epoch in range(cfg.epochs):
-            order = list(range(len(data.examples)))
-            rng.shuffle(order)
-            for i in range(0, len(order), cfg.batch_size):
-                b = _batch([data.examples[j] for j in order[i : i + cfg.batch_size]], pad, lm.device)
+            for idx in _length_batches(data.examples, cfg.batch_size, rng):
+                b = _batch([data.examples[j] for j in idx], pad, lm.device)
                 loss, parts = _loss(pm, b, cfg.kl_weight, cfg.first_token_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
