@@ -36,7 +36,8 @@ MANIFEST = "surgery.json"
 FORMAT = "surgery.manifest/1"
 REDACTED = "<redacted>"
 # whole words of an option name: --token, --hf-token, --api-key, --password (not --max-new-tokens, --author)
-_SECRET_NAME = re.compile(r"(^|[-_])(token|secret|password|passwd|credentials?|auth|api[-_]?key)($|[-_])", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(^|[-_])(token|secret|password|passwd|credentials?|auth|api[-_]?key)($|[-_])",
+                          re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,})\b")
 _PROVENANCE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("surgery_provenance", default=None)
 

@@ -377,18 +377,22 @@ def _verify_section() -> list[str]:
 def _reproduce(m: dict) -> list[str]:
     out = ["## How to reproduce", ""]
     recipe = m.get("recipe")
-    command = m.get("command") or m.get("command_line") or m.get("argv")
+    command = (m.get("invocation") or {}).get("argv") or m.get("command")
     method = m.get("method") or {}
     name, params = method.get("name"), method.get("parameters") or {}
     src = (m.get("input") or {}).get("source") or "MODEL"
     if recipe:
         import yaml
 
-        text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False).rstrip()
-        out += ["The recipe recorded in `surgery.json`:", "", "```yaml", text, "```", ""]
+        text = recipe if isinstance(recipe, str) else (recipe.get("text") or yaml.safe_dump(recipe, sort_keys=False))
+        step = "" if isinstance(recipe, str) else f" (step {recipe.get('step')}, `{recipe.get('name', '')}`)"
+        out += [f"This folder was written by a recipe{step}; `surgery.json` holds it verbatim:", "", "```yaml",
+                text.rstrip(), "```", "", "Rerun it with `surgery run RECIPE.yaml`, or check this folder with "
+                "`surgery reproduce THIS_FOLDER` (reruns the step and compares every output hash).", ""]
     elif command:
         text = command if isinstance(command, str) else shlex.join(str(c) for c in command)
-        out += ["The command line recorded in `surgery.json`:", "", "```bash", text, "```", ""]
+        out += ["The command line recorded in `surgery.json`:", "", "```bash", text, "```", "",
+                "`surgery reproduce THIS_FOLDER` reruns it and compares every output hash.", ""]
     elif name in CLI_VERB and params.get("alpha") is not None:
         cmd = ["surgery", CLI_VERB[name], src, "-o", "OUT", "--alpha", f"{params['alpha']:g}"]
         if (m.get("direction") or {}).get("file"):

@@ -69,6 +69,17 @@ class LoraSFT(TrainMethod):
         return self.spec
 
 
+def _stable_adapter_config(path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set (its order changes between
+    processes); sorted, the file is byte-reproducible."""
+    import json
+
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _adapter_files(folder: Path) -> dict[str, Path]:
     return {f"adapter/{p.name}": p for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -110,6 +121,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
             say(f"training: {result.steps} steps in {result.seconds:.0f}s; {result.stopped}")
             adapter_dir = work / "adapter"
             pm.save_pretrained(str(adapter_dir))
+            _stable_adapter_config(adapter_dir / "adapter_config.json")
             lm.model = pm.unload()  # the live model is the original again (for the before/after evaluation)
             adapter = load_adapter(adapter_dir)
             plan = adapter.check_against(reader)

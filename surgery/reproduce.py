@@ -1,0 +1,394 @@
+"""``surgery reproduce DIR``: run again what made DIR and compare the outputs, file by file.
+
+What is rerun comes from ``DIR/surgery.json`` (see :mod:`surgery.manifest`):
+
+* ``recipe`` (written by ``surgery run``): the recipe text is read again with the
+  recorded ``--var`` overrides and checked against today's CLI.  Every output of
+  every step (its ``-o/--out`` and ``*_out`` options) is moved into a fresh work
+  folder (``step<N>/<name>``), and any value of a later step that names such an
+  output, or a path inside it, follows it there.  Only the step that wrote DIR
+  and the steps it reads from (transitively, through those paths) run, in order;
+  ``push`` never runs.  The rerun happens in the recorded working folder when it
+  still exists, so relative input paths mean what they meant.
+* else ``invocation`` (any plain CLI run): the recorded argv with its
+  ``-o/--out`` value redirected; options redacted as secrets are dropped (a token
+  comes from the environment again).
+
+Evaluations only write into ``surgery.json``, which is not compared, so steps
+that have ``--no-eval`` get it unless ``run_eval``.  Then every file listed in
+the manifest's ``outputs`` (``README.md`` excepted: the card is written by a later
+step) is hashed in DIR and in the rerun.  Identical means DIR's file, the
+manifest's hash and the rerun's file agree for every file and the rerun made no
+unlisted file.  For a differing ``.safetensors`` file the largest absolute
+difference of every differing tensor is computed, one tensor pair in memory at a
+time (through the checkpoint module's validated header parser: artifacts such as
+``direction.safetensors`` or an adapter are not checkpoint folders).  Bitwise
+equality is only to be expected on CPU with the same library versions, so the
+versions that differ from the manifest's are reported too, and so is a change of
+the input's weight files.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import click
+import torch
+
+from . import __version__
+from .checkpoint import read_safetensors_header, sha256_file
+from .errors import CheckpointError, ManifestError, SurgeryError
+from .manifest import (MANIFEST, REDACTED, hash_folder, invocation_record, library_versions, provenance, read_manifest,
+                       redact_argv)
+from .recipes import NOT_STEPS, RecipeError, _schema, build_argv, invoke, parse_recipe, run_step
+
+NOT_COMPARED = (MANIFEST, "README.md")
+NEVER_RERUN = ("push",)
+
+
+@dataclass
+class FileCheck:
+    path: str
+    status: str                     # identical | differs | missing-here | missing-in-rerun | extra-in-rerun
+    manifest: str | None = None     # sha256 in DIR/surgery.json
+    here: str | None = None         # sha256 of DIR's file now
+    rerun: str | None = None        # sha256 of the rerun's file
+    max_abs_diff: float | None = None
+    tensors: dict[str, float] = field(default_factory=dict)  # differing tensors -> max |a - b|
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReproduceResult:
+    identical: bool
+    how: str
+    rerun_dir: str | None
+    files: list[FileCheck]
+    versions: dict[str, list]       # library -> [in the manifest, now], differing ones only
+    input_changed: list[str]
+    notes: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def summary(self) -> str:
+        lines = [f"reproduce: {self.how}"]
+        same = [f.path for f in self.files if f.status == "identical"]
+        bad = [f for f in self.files if f.status != "identical"]
+        if self.identical:
+            lines.append(f"IDENTICAL: all {len(same)} output files match bit for bit")
+        else:
+            lines.append(f"DIFFERENT: {len(bad)} of {len(self.files)} files differ ({len(same)} identical)")
+        for f in bad:
+            lines.append(f"  {f.path}: {f.status}" + (f" ({'; '.join(f.problems)})" if f.problems else ""))
+            if f.tensors:
+                worst = sorted(f.tensors.items(), key=lambda kv: -_key(kv[1]))
+                lines.append(f"    largest |difference| {worst[0][1]:.6g} in {worst[0][0]}; "
+                             f"{len(worst)} tensor{'s differ' if len(worst) > 1 else ' differs'}")
+                lines += [f"      {n}: {d:.6g}" for n, d in worst[1:10]]
+        for what in self.input_changed:
+            lines.append(f"input changed: {what}")
+        if self.versions:
+            lines.append("versions differ from the manifest's (bitwise equality is only expected on CPU with the same "
+                         "versions): " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.versions.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        if self.rerun_dir:
+            lines.append(f"rerun kept in {self.rerun_dir}")
+        return "\n".join(lines)
+
+
+def _key(x: float) -> float:
+    return float("inf") if x != x else x  # NaN first
+
+
+# -- rerunning -----------------------------------------------------------------
+@contextlib.contextmanager
+def _in_dir(cwd: str | None, notes: list[str]):
+    here = os.getcwd()
+    if cwd and Path(cwd).is_dir() and Path(cwd).resolve() != Path(here).resolve():
+        os.chdir(cwd)
+    elif cwd and not Path(cwd).is_dir():
+        notes.append(f"the recorded working folder {cwd} does not exist; relative paths were read from {here}")
+    try:
+        yield Path(os.getcwd())
+    finally:
+        os.chdir(here)
+
+
+def _abs(base: Path, value: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _under(path: str, root: str) -> str | None:
+    if path == root:
+        return ""
+    return path[len(root) + 1:] if path.startswith(root + os.sep) else None
+
+
+def _redirect(recipe, base: Path, rundir: Path) -> tuple[dict[int, dict], dict[int, set[int]]]:
+    """Each step's values with its outputs moved under ``rundir/step<N>/`` and every value naming an
+    earlier step's output (or a path inside it) following it; and which earlier steps each step reads."""
+    outs: dict[int, dict[str, str]] = {}  # step -> {original absolute path: rerun path}
+    for st in recipe.steps:
+        moved: dict[str, str] = {}
+        for k in st.schema.params:
+            if k.is_output and k.param.name in st.values:
+                for v in (st.values[k.param.name] if k.multiple else [st.values[k.param.name]]):
+                    if isinstance(v, str) and v != "-":
+                        new = rundir / f"step{st.index}" / (Path(v).name or "out")
+                        while str(new) in moved.values():
+                            new = new.with_name(new.name + "_")
+                        moved[_abs(base, v)] = str(new)
+        outs[st.index] = moved
+    values: dict[int, dict] = {}
+    reads: dict[int, set[int]] = {}
+    for st in recipe.steps:
+        needs: set[int] = set()
+
+        def move(k, v, st=st, needs=needs):
+            if not isinstance(v, str) or isinstance(k.param.type, click.Choice) or v == "-":
+                return v
+            if k.is_output:
+                return outs[st.index][_abs(base, v)]
+            p = _abs(base, v)
+            for j in range(st.index - 1, 0, -1):  # the latest earlier step that wrote there
+                for orig, new in outs[j].items():
+                    rel = _under(p, orig)
+                    if rel is not None:
+                        needs.add(j)
+                        return os.path.join(new, rel) if rel else new
+            return v
+
+        values[st.index] = {k.param.name: ([move(k, x) for x in st.values[k.param.name]] if k.multiple
+                                           else move(k, st.values[k.param.name]))
+                            for k in st.schema.params if k.param.name in st.values}
+        reads[st.index] = needs
+    return values, reads
+
+
+def _closure(reads: dict[int, set[int]], target: int) -> set[int]:
+    needed, stack = set(), [target]
+    while stack:
+        i = stack.pop()
+        if i not in needed:
+            needed.add(i)
+            stack.extend(reads[i])
+    return needed
+
+
+def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str]) -> tuple[Path, str]:
+    overrides = rec.get("vars") or {}
+    if any(v == REDACTED for v in overrides.values()):
+        raise RecipeError("the recorded --var values include a redacted secret; the recipe cannot be rerun as recorded")
+    recipe = parse_recipe(rec.get("text") or "", rec.get("file") or "recipe.yaml", overrides)
+    t = rec.get("step")
+    if not isinstance(t, int) or not 1 <= t <= len(recipe.steps):
+        raise ManifestError(f"the manifest's recipe names step {t!r}, but the recipe has {len(recipe.steps)} steps")
+    target = recipe.steps[t - 1]
+    if rec.get("command") and rec["command"] != redact_argv(target.command_line()):
+        notes.append(f"step {t} now expands to `{shlex.join(target.command_line())}`, "
+                     f"recorded as `{shlex.join(rec['command'])}` (the CLI changed?)")
+    with _in_dir(rec.get("cwd"), notes) as base:
+        values, reads = _redirect(recipe, base, rundir)
+        run = [s for s in recipe.steps if s.index in _closure(reads, t) and s.name not in NEVER_RERUN]
+        how = f"reran step {t} ({target.name}) of {recipe.file}"
+        if len(run) > 1:
+            how += f", after step{'s' if len(run) > 2 else ''} " + ", ".join(str(s.index) for s in run[:-1])
+        how += f", in {rundir}"
+        skipped = [f"{s.index} ({s.name})" for s in recipe.steps if s not in run]
+        if skipped:
+            how += f" (not rerun: {', '.join(skipped)})"
+        say(how)
+        for st in run:
+            vals = values[st.index]
+            if not run_eval and st.schema.key("no_eval") is not None:
+                vals["no_eval"] = True
+            run_step(recipe, st, build_argv(st.schema, vals), say=say)
+    out = values[t].get("out")
+    if not isinstance(out, str):
+        raise RecipeError(f"step {t} ({target.name}) of {recipe.file} has no -o/--out folder to compare")
+    return Path(out), how
+
+
+def _rerun_invocation(inv: dict, rundir: Path, run_eval: bool, say, notes: list[str]) -> tuple[Path, str]:
+    from .cli import main
+
+    argv = [str(a) for a in (inv.get("argv") or [])][1:]
+    while argv and argv[0].startswith("-"):  # the group's own options (-v)
+        argv.pop(0)
+    cmd: click.Command = main
+    path: list[str] = []
+    while isinstance(cmd, click.Group):
+        if not argv or argv[0] not in cmd.commands:
+            raise ManifestError(f"the recorded command line {inv.get('argv')} names no known command")
+        path.append(argv[0])
+        cmd = cmd.commands[argv.pop(0)]
+    if path[0] in NOT_STEPS:
+        raise ManifestError(f"the recorded command is `surgery {path[0]}` but no recipe was recorded")
+    # options redacted as secrets are dropped (the token comes from the environment again)
+    clean: list[str] = []
+    for a in argv:
+        if a == REDACTED:
+            if clean and clean[-1].startswith("-"):
+                clean.pop()
+            continue
+        if not a.endswith("=" + REDACTED):
+            clean.append(a)
+    schema = _schema(tuple(path), cmd)
+    out_key = next((k for k in schema.params if k.is_output and k.param.name == "out"), None)
+    if out_key is None:
+        raise ManifestError(f"`surgery {' '.join(path)}` has no -o/--out to redirect")
+    new_out = str(rundir / "out")
+    opts = list(out_key.param.opts)
+    redirected, found, i = [], False, 0
+    while i < len(clean):
+        a = clean[i]
+        if a == "--":
+            redirected += clean[i:]
+            break
+        eq = next((o for o in opts if o.startswith("--") and a.startswith(o + "=")), None)
+        short = next((o for o in opts if not o.startswith("--") and a.startswith(o) and len(a) > len(o)
+                      and not a.startswith("--")), None)
+        if a in opts and i + 1 < len(clean):
+            redirected += [a, new_out]
+            i += 2
+            found = True
+            continue
+        if eq or short:
+            redirected.append(f"{eq}={new_out}" if eq else short + new_out)
+            found = True
+        else:
+            redirected.append(a)
+        i += 1
+    if not found:
+        raise ManifestError(f"no {'/'.join(opts)} value in the recorded command line {inv.get('argv')}")
+    if not run_eval and schema.key("no_eval") is not None and "--no-eval" not in redirected:
+        cut = redirected.index("--") if "--" in redirected else len(redirected)
+        redirected.insert(cut, "--no-eval")
+    line = ["surgery", *path, *redirected]
+    how = f"reran `{shlex.join(inv.get('argv') or [])}` with its output in {new_out}"
+    say(how)
+    with _in_dir(inv.get("cwd"), notes), provenance(invocation=invocation_record(line)):
+        invoke(cmd, redirected, f"surgery {' '.join(path)}", lambda _: f"rerun of `{shlex.join(line)}`")
+    return Path(new_out), how
+
+
+# -- comparing -----------------------------------------------------------------
+def _read(f, info) -> bytes:
+    f.seek(info.start)
+    return f.read(info.nbytes)
+
+
+def _as_tensor(raw: bytes, info) -> torch.Tensor:
+    if not raw:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+
+
+def tensor_differences(a: Path, b: Path) -> tuple[dict[str, float], list[str]]:
+    """Max |a - b| (float64) of every tensor whose bytes differ between two safetensors files, and
+    structural problems (a tensor in one file only, another shape or dtype).  One pair in memory at a time."""
+    ia, _, _ = read_safetensors_header(a)
+    ib, _, _ = read_safetensors_header(b)
+    diffs: dict[str, float] = {}
+    problems = [f"tensor {n} only in the rerun" for n in ib if n not in ia]
+    problems += [f"tensor {n} missing from the rerun" for n in ia if n not in ib]
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for name, x in ia.items():
+            y = ib.get(name)
+            if y is None:
+                continue
+            if (x.shape, x.dtype) != (y.shape, y.dtype):
+                problems.append(f"tensor {name}: {tuple(x.shape)} {x.dtype} here, {tuple(y.shape)} {y.dtype} rerun")
+                continue
+            ra, rb = _read(fa, x), _read(fb, y)
+            if ra == rb:
+                continue
+            ta, tb = _as_tensor(ra, x), _as_tensor(rb, y)
+            diffs[name] = float((ta.double() - tb.double()).abs().max()) if ta.numel() else 0.0
+    return diffs, problems
+
+
+def compare_outputs(folder: Path, manifest: dict, rerun: Path) -> list[FileCheck]:
+    stored: dict = {k: v for k, v in manifest["outputs"].items() if k not in NOT_COMPARED}
+    new = {k: v for k, v in hash_folder(rerun).items() if k not in NOT_COMPARED}
+    checks = []
+    for rel, sha in stored.items():
+        p = folder / rel
+        c = FileCheck(rel, "identical", sha, sha256_file(p) if p.is_file() else None, new.get(rel))
+        if c.here is None:
+            c.status = "missing-here"
+        elif c.rerun is None:
+            c.status = "missing-in-rerun"
+        elif not (c.here == c.rerun == sha):
+            c.status = "differs"
+            if c.here != sha:
+                c.problems.append("this folder's copy no longer matches surgery.json" +
+                                  ("; the rerun does" if c.rerun == sha else ""))
+            elif c.rerun != sha:
+                c.problems.append("the rerun differs from surgery.json")
+            if rel.endswith(".safetensors"):
+                try:
+                    c.tensors, probs = tensor_differences(p, rerun / rel)
+                    c.problems += probs
+                    c.max_abs_diff = max(c.tensors.values(), key=_key) if c.tensors else None
+                except CheckpointError as e:
+                    c.problems.append(f"cannot compare tensors: {e}")
+        checks.append(c)
+    checks += [FileCheck(rel, "extra-in-rerun", rerun=sha) for rel, sha in new.items() if rel not in stored]
+    return checks
+
+
+def _version_changes(manifest: dict) -> dict[str, list]:
+    then = dict(manifest.get("libraries") or {})
+    then["surgery"] = (manifest.get("tool") or {}).get("version")
+    now = {**library_versions(), "surgery": __version__}
+    return {k: [then.get(k), now.get(k)] for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
+
+
+def _input_changes(old: dict, rerun: Path) -> list[str]:
+    try:
+        new = read_manifest(rerun)
+    except ManifestError:
+        return []
+    a = (old.get("input") or {}).get("weight_files") or {}
+    b = (new.get("input") or {}).get("weight_files") or {}
+    if a == b:
+        return []
+    return [f"weight file {n}: sha256 {str(a.get(n))[:12]} in the manifest, {str(b.get(n))[:12]} now"
+            for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+
+
+def reproduce(folder: str | Path, *, work: str | Path | None = None, keep: bool = False, run_eval: bool = False,
+              say: Callable[[str], None] | None = None) -> ReproduceResult:
+    """Rerun what made ``folder`` (see the module docstring) and compare its outputs."""
+    say = say or (lambda m: None)
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if work is not None:
+        Path(work).mkdir(parents=True, exist_ok=True)
+    rundir = Path(tempfile.mkdtemp(prefix="surgery-reproduce-", dir=str(work) if work is not None else None)).resolve()
+    notes: list[str] = []
+    try:
+        if m.get("recipe"):
+            out, how = _rerun_recipe(m["recipe"], rundir, run_eval, say, notes)
+        elif m.get("invocation"):
+            out, how = _rerun_invocation(m["invocation"], rundir, run_eval, say, notes)
+        else:
+            raise ManifestError(f"{folder / MANIFEST} records neither a recipe nor a command line: nothing to rerun")
+        if not out.is_dir():
+            raise SurgeryError(f"the rerun wrote no folder {out}")
+        files = compare_outputs(folder, m, out)
+        res = ReproduceResult(all(f.status == "identical" for f in files), how, str(rundir) if keep else None, files,
+                              _version_changes(m), _input_changes(m, out), notes)
+    finally:
+        if not keep:
+            shutil.rmtree(rundir, ignore_errors=True)
+    return res
