@@ -173,11 +173,18 @@ def rosi(model, include_embedding, **o):
 @click.option("--ridge", type=float, default=0.1, show_default=True, help="Ridge of the gate fit (relative to the trace).")
 @click.option("--no-borderline-calibration", is_flag=True,
               help="Do not add the borderline training prompts to the harmless calibration set.")
-def inject(model, post_weight, ridge, no_borderline_calibration, **o):
-    """Experimental: gated rank-one injection (read vectors fitted to fire on harmful inputs only)."""
+@click.option("--rank", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rank of each matrix's edit: r_hat + K-1 principal directions of the per-prompt refusal contrasts.")
+@click.option("--fit", type=click.Choice(["ridge", "null"]), default="ridge", show_default=True,
+              help="Gate fit: least harmless energy (ridge) or AlphaSteer's null-space projector (null).")
+@click.option("--null-ratio", type=float, default=0.5, show_default=True,
+              help="Null fit: share of the input space (lowest harmless energy) the read vector may use.")
+def inject(model, post_weight, ridge, no_borderline_calibration, rank, fit, null_ratio, **o):
+    """Gated injection: read vectors fitted to fire on harmful inputs only (rank 1, or rank K with --rank)."""
     from .pipeline import inject as run
 
-    _run_edit(run, model, o, post_weight=post_weight, ridge=ridge, borderline_calibration=not no_borderline_calibration)
+    _run_edit(run, model, o, post_weight=post_weight, ridge=ridge, borderline_calibration=not no_borderline_calibration,
+              rank=rank, fit=fit, null_ratio=null_ratio)
 
 
 @main.command("eval")
@@ -215,6 +222,9 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
     reports["model"] = evaluate(lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache)
     rows["model"] = summary_row(reports["model"])
     _say(format_table(rows))
+    _say("selectivity: harmful_refusal = refused harmful prompts (higher is safer); over-refusal (lower is better): "
+         "harmless_refusal on harmless prompts, borderline_refusal on prompts that only sound dangerous "
+         "(e.g. how to kill a Python process)")
     if json_out:
         json_out.write_text(json.dumps(reports, indent=2))
         _say(f"report: {json_out}")
@@ -587,6 +597,122 @@ def reproduce_cmd(folder, work, keep, run_eval, as_json):
     click.echo(res.to_json() if as_json else res.summary())
     sys.exit(0 if res.identical else 1)
 
+
+
+def _layer_ranges(spec: str | None) -> list[tuple[int, int]] | None:
+    """'0-29,8-24' -> [(0, 29), (8, 24)]."""
+    if not spec:
+        return None
+    out = []
+    for part in spec.split(","):
+        try:
+            a, b = part.strip().split("-")
+            out.append((int(a), int(b)))
+        except ValueError:
+            raise click.BadParameter(f"cannot read layer range {part.strip()!r} in {spec!r} (use FIRST-LAST, e.g. 0-29,8-24)") from None
+    return out
+
+
+def _check_choice(pick, rule) -> None:
+    from .tuning import parse_rule
+
+    if pick is not None and rule is not None:
+        raise click.UsageError("give --pick or --rule, not both")
+    if rule is not None:
+        parse_rule(rule)  # a bad rule fails now, not after the search
+
+
+@main.command("tune")
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output folder: tune.json, tune.png, fits/, the direction.")
+@click.option("--alphas", default=None, help="Strengths to search [default: 0.75,1,1.25,1.5,1.75,2].")
+@click.option("--layer-ranges", default=None,
+              help="Edited layer ranges FIRST-LAST, comma-separated [default: all, from L/4, to 3L/4, both].")
+@click.option("--fit", type=click.Choice(["ridge", "null"]), default="ridge", show_default=True,
+              help="Gate fit whose constraint strength is searched.")
+@click.option("--strengths", default=None,
+              help="Constraint strengths: post weights (ridge) [default: 3,10,30] or null ratios (null) [0.3,0.5,0.7].")
+@click.option("--ridge", type=float, default=0.1, show_default=True, help="Ridge of the gate fit (relative to the trace).")
+@click.option("--ranks", default="1", show_default=True, help="Ranks to search, e.g. 1,2,4.")
+@click.option("--sampler", type=click.Choice(["grid", "tpe"]), default="grid", show_default=True,
+              help="grid: every combination; tpe: Optuna's multi-objective TPE (needs optuna installed).")
+@click.option("--trials", type=int, default=None, help="TPE trials [default: the grid's size].")
+@click.option("--seed", type=int, default=0, show_default=True, help="TPE seed.")
+@click.option("--confirm", type=int, default=8, show_default=True,
+              help="Points of the proxy front confirmed by generation.")
+@click.option("--eval-tokens", type=int, default=48, show_default=True, help="Reply length judged when confirming.")
+@click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
+              help="A direction file from `surgery directions` (default: computed now).")
+@click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),
+              help="Direction candidate sources when computing (default: response).")
+@click.option("--no-borderline-calibration", is_flag=True,
+              help="Do not add the borderline training prompts to the harmless calibration set.")
+@click.option("--write", "write_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the checkpoint of the point chosen by --pick or --rule to this folder.")
+@click.option("--pick", type=int, default=None, help="With --write: the point with this id.")
+@click.option("--rule", default=None,
+              help='With --write: e.g. "max refusal with over-refusal <= 0.05 and kl <= 0.2" '
+                   "(conditions on over-refusal, borderline, kl joined by and).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT (and the --write folder) if they exist.")
+@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB (--write).")
+@prompt_options
+@model_options
+def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sampler, trials, seed, confirm, eval_tokens,
+             direction_file, sources, no_borderline_calibration, write_out, pick, rule, overwrite, max_shard_size,
+             harmful, harmless, borderline, column, revision, allow_pickle, device):
+    """Search gated injection's strength, layer range, gate constraint and rank on the validation split
+    (first-token proxies, then generation on the proxy front); save the Pareto front (JSON + PNG)."""
+    from .tuning import apply_tune, tune
+
+    _check_choice(pick, rule)
+    if write_out is None and (pick is not None or rule is not None):
+        raise click.UsageError("--pick/--rule choose the point --write writes: add --write OUT (or run surgery tune-apply)")
+    if write_out is not None and pick is None and rule is None:
+        raise click.UsageError("--write needs --pick N or --rule RULE")
+    if write_out is not None:
+        from .checkpoint import CheckpointWriter
+
+        CheckpointWriter.check_target(write_out, overwrite)
+    rank_list = [int(x) for x in _floats(ranks)]
+    if [float(k) for k in rank_list] != _floats(ranks):
+        raise click.BadParameter(f"ranks must be whole numbers, got {ranks!r}", param_hint="--ranks")
+    tune(model, out, fit=fit, alphas=_floats(alphas) if alphas else None, layer_ranges=_layer_ranges(layer_ranges),
+         strengths=_floats(strengths) if strengths else None, ranks=rank_list, ridge=ridge, sampler=sampler,
+         trials=trials, seed=seed, confirm=confirm, eval_tokens=eval_tokens, direction_file=direction_file,
+         sources=sources or ("response",), prompts=_prompts(harmful, harmless, borderline, column),
+         borderline_calibration=not no_borderline_calibration, overwrite=overwrite, revision=revision,
+         allow_pickle=allow_pickle, device=device, say=_say)
+    if write_out is not None:
+        apply_tune(out, write_out, pick=pick, rule=rule, overwrite=overwrite, allow_pickle=allow_pickle, device=device,
+                   max_shard_bytes=int(max_shard_size * 1e9), say=_say)
+
+
+@main.command("tune-apply")
+@click.argument("tune_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--pick", type=int, default=None, help="The point with this id (tune.json, the plot's labels).")
+@click.option("--rule", default=None,
+              help='e.g. "max refusal with over-refusal <= 0.05 and kl <= 0.2": the confirmed point with the highest '
+                   "harmful refusal meeting every condition (over-refusal, borderline, kl; rates as 0.05 or 5%).")
+@click.option("--model", default=None, help="The model tuned, if it moved (its weights must match tune.json).")
+@click.option("--eval", "run_eval", is_flag=True, help="Also evaluate before/after on the test split.")
+@click.option("--eval-tokens", type=int, default=48, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
+@click.option("--device", default=None, help="torch device for --eval (default: cuda if available, else cpu).")
+def tune_apply_cmd(tune_dir, out, pick, rule, model, run_eval, eval_tokens, overwrite, max_shard_size, allow_pickle,
+                   device):
+    """Write the checkpoint of one point of a `surgery tune` result, chosen by --pick or --rule."""
+    from .tuning import apply_tune
+
+    _check_choice(pick, rule)
+    if pick is None and rule is None:
+        raise click.UsageError("choose the point: --pick N or --rule RULE")
+    apply_tune(tune_dir, out, pick=pick, rule=rule, model=model, run_eval=run_eval, eval_tokens=eval_tokens,
+               overwrite=overwrite, allow_pickle=allow_pickle, device=device, max_shard_bytes=int(max_shard_size * 1e9),
+               say=_say)
 
 if __name__ == "__main__":
     main()

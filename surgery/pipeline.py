@@ -195,6 +195,9 @@ class EditMethod:
     name = "edit"
     default_alphas: Sequence[float] = ()
 
+    def use_direction(self, dirs: Directions) -> None:
+        """Receive the direction artifact before ``prepare`` (for methods that need more than ``r_hat``)."""
+
     def prepare(self, lm: LoadedModel, prompts: "PromptConfig", say: Say) -> None:
         """Measure whatever the edit needs beyond the direction (after the direction is known)."""
 
@@ -233,22 +236,43 @@ class Rosi(EditMethod):
 
 
 class Gated(EditMethod):
-    """Gated rank-one injection (surgery.edits.gated): ROSI's form with a read
-    vector per matrix fitted so the injection fires on harmful inputs and stays
-    near zero on harmless ones.  Groundwork for issue 6 (``surgery inject``)."""
+    """Gated injection (surgery.edits.gated): ROSI's form with read vectors per
+    matrix fitted so the injection fires on harmful inputs and stays near zero on
+    harmless ones.  Rank 1 (default): ``W + alpha r_hat v^T``; rank k:
+    ``W + alpha R_hat V^T`` with ``R_hat``'s first column ``r_hat`` and the rest
+    from the per-prompt contrasts (needs the direction artifact, see
+    ``use_direction``).  ``fit``: ``ridge`` (least harmless energy, ``post_weight``,
+    ``ridge``) or ``null`` (AlphaSteer's null-space projector, ``null_ratio``)."""
     name = "gated-injection"
     default_alphas = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0)
 
     def __init__(self, layers: Sequence[int] | None = None, post_weight: float = 10.0, ridge: float = 0.1,
-                 borderline_calibration: bool = True):
+                 borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge", null_ratio: float = 0.5):
+        from .edits.gated import FITS
+
+        if rank < 1:
+            raise SurgeryError(f"gated injection: rank must be at least 1, got {rank}")
+        if fit not in FITS:
+            raise SurgeryError(f"gated injection: fit must be one of {', '.join(FITS)}, got {fit!r}")
+        if not 0.0 < null_ratio < 1.0:
+            raise SurgeryError(f"gated injection: null ratio must be in (0, 1), got {null_ratio}")
         self.layers, self.post_weight, self.ridge = layers, post_weight, ridge
         self.borderline_calibration = borderline_calibration
+        self.rank, self.fit, self.null_ratio = rank, fit, null_ratio
         self.vs: dict[str, torch.Tensor] = {}
+        self.basis: torch.Tensor | None = None  # (d, k) float32 for rank > 1
         self.calibration: dict = {}
+        self.dirs: Directions | None = None
 
-    def prepare(self, lm, prompts, say):
-        from .edits.gated import collect_stats, fit_read_vector_ridge
+    def use_direction(self, dirs):
+        self.dirs = dirs
 
+    def calibrate(self, lm, prompts, say, rank: int | None = None):
+        """Gate statistics of every matrix on the training split (harmful vs harmless
+        + borderline) and, for rank > 1, the targets; returns ``(stats, targets)``."""
+        from .edits.gated import collect_stats, prompt_contrasts, refusal_basis
+
+        rank = self.rank if rank is None else rank
         ht, bt, _, _ = prompts.train_val()
         harmless = list(bt.prompts)
         self.calibration = {"harmful_train": ht.describe(), "harmless_train": bt.describe()}
@@ -258,19 +282,37 @@ class Gated(EditMethod):
             harmless += list(bl.prompts)
             self.calibration["borderline_train"] = bl.describe()
         say(f"fitting read vectors on {len(ht)} harmful + {len(harmless)} harmless training prompts")
-        stats = collect_stats(lm, list(ht.prompts), harmless)
+        stats = collect_stats(lm, list(ht.prompts), harmless, per_prompt=rank > 1)
+        targets = None
+        if rank > 1:
+            if self.dirs is None:
+                raise SurgeryError("gated injection: rank > 1 needs the direction artifact (use_direction)")
+            keep, contrasts = prompt_contrasts(lm, list(ht.prompts), list(bt.prompts), self.dirs.best)
+            targets = refusal_basis(self.dirs.best.vector, contrasts, rank, keep)
+            say(f"rank {rank}: r_hat + {rank - 1} principal directions of {len(keep)} per-prompt contrasts "
+                f"(layer {self.dirs.best.layer})")
+        return stats, targets
+
+    def prepare(self, lm, prompts, say):
+        from .edits.gated import fit_gates
+
+        stats, targets = self.calibrate(lm, prompts, say)
         keep = None if self.layers is None else set(self.layers)
         writers = {w.name: w for w in lm.arch.residual_writers([n for n, _ in lm.model.named_parameters()], lm.model.config)}
-        self.vs = {k: fit_read_vector_ridge(st, self.post_weight, self.ridge).float() for k, st in stats.items()
-                   if keep is None or writers[k].layer in keep}
+        names = [k for k in stats if keep is None or writers[k].layer in keep]
+        self.vs = fit_gates(stats, self.fit, post_weight=self.post_weight, ridge=self.ridge, null_ratio=self.null_ratio,
+                            targets=targets, names=names)
+        self.basis = None if targets is None else targets.basis.float()
 
     def in_memory(self, lm, r_hat, alpha):
-        from .edits.gated import gated_in_memory
+        from .edits.gated import gated_in_memory, gated_in_memory_k
 
-        return gated_in_memory(lm, r_hat, self.vs, alpha)
+        if self.basis is None:
+            return gated_in_memory(lm, r_hat, self.vs, alpha)
+        return gated_in_memory_k(lm, self.basis, self.vs, alpha)
 
     def write(self, reader, arch, out, r_hat, alpha, **kw):
-        from .edits.gated import gated_update
+        from .edits.gated import gated_update, gated_update_k
 
         # in-memory names equal checkpoint names for the dense models this supports
         targets = {w.name: w for w in arch.residual_writers(reader.names, reader.config) if w.name in self.vs}
@@ -281,15 +323,30 @@ class Gated(EditMethod):
 
         def edit(name, tensor):
             w = targets.get(name)
-            return None if w is None else gated_update(w, tensor, r, self.vs[name], alpha)
+            if w is None:
+                return None
+            if self.basis is None:
+                return gated_update(w, tensor, r, self.vs[name], alpha)
+            return gated_update_k(w, tensor, self.basis, self.vs[name], alpha)
 
         return write_edited(reader, out, edit, **kw)
 
     def parameters(self) -> dict:
-        return {"layers": list(self.layers) if self.layers is not None else "all",
-                "formula": "W' = W + alpha * r_hat * v^T, v = G^-1 m_h / (m_h^T G^-1 m_h) per matrix "
-                           "(G: harmless input second moment, post-instruction positions weighted; m_h: harmful mean)",
-                "post_weight": self.post_weight, "ridge": self.ridge, "read_vectors": "gates.safetensors",
+        if self.fit == "ridge":
+            formula = ("W' = W + alpha * r_hat * v^T, v = G^-1 m_h / (m_h^T G^-1 m_h) per matrix "
+                       "(G: harmless input second moment, post-instruction positions weighted; m_h: harmful mean)")
+            fit = {"fit": "ridge", "post_weight": self.post_weight, "ridge": self.ridge}
+        else:
+            formula = ("W' = W + alpha * r_hat * v^T, v = P mu / (m_h^T P mu) per matrix (P: projector onto the bottom "
+                       "null_ratio * d_in eigenvectors of the harmless second moment; mu = m_h - m_b)")
+            fit = {"fit": "null", "null_ratio": self.null_ratio, **({"ridge": self.ridge} if self.rank > 1 else {})}
+        if self.rank > 1:
+            formula = ("W' = W + alpha * R_hat V^T per matrix, R_hat = [r_hat, top principal directions of the "
+                       "per-prompt contrasts without r_hat], V = [the rank-one v, ridge regressions of the per-prompt "
+                       "coefficients penalised by harmless energy" + (" in the null space" if self.fit == "null" else "") +
+                       "] (surgery.edits.gated)")
+        return {"layers": list(self.layers) if self.layers is not None else "all", "formula": formula, **fit,
+                "rank": self.rank, "read_vectors": "gates.safetensors",
                 "borderline_calibration": self.borderline_calibration,
                 "calibration": self.calibration, "compute_dtype": "float32"}
 
@@ -297,7 +354,13 @@ class Gated(EditMethod):
         from safetensors.torch import save_file
 
         path = work / "gates.safetensors"
-        save_file({k: v.contiguous() for k, v in self.vs.items()}, str(path), metadata={"format": "surgery.gates/1"})
+        tensors = {k: v.contiguous() for k, v in self.vs.items()}
+        meta = {"format": "surgery.gates/1"}
+        if self.basis is not None:
+            # rank k: V per matrix (d_in, k) and the shared R_hat under a name no checkpoint tensor has
+            tensors["refusal_basis"] = self.basis.contiguous()
+            meta = {"format": "surgery.gates/2", "rank": str(self.rank)}
+        save_file(tensors, str(path), metadata=meta)
         return {"gates.safetensors": path}
 
 
@@ -330,6 +393,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
                 dirs = compute_directions(lm, prompts, sources, rank_by, say)
             dir_path = dirs.save(tmp_dir / "direction.safetensors")
             r_hat = unit(dirs.best.vector)
+            method.use_direction(dirs)
             method.prepare(lm, prompts, say)
             points: list[dict] = []
             if alpha is None:
@@ -371,9 +435,10 @@ def rosi(source: str, out: str | Path, *, layers: Sequence[int] | None = None, i
 
 
 def inject(source: str, out: str | Path, *, layers: Sequence[int] | None = None, post_weight: float = 10.0,
-           ridge: float = 0.1, borderline_calibration: bool = True, **kw) -> HardenResult:
-    """Gated rank-one injection through :func:`harden` (issue 6 groundwork)."""
-    return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration), **kw)
+           ridge: float = 0.1, borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge",
+           null_ratio: float = 0.5, **kw) -> HardenResult:
+    """Gated injection (rank 1 or k) through :func:`harden`."""
+    return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration, rank, fit, null_ratio), **kw)
 
 
 def test_sets(prompts: PromptConfig, whole_user_files: bool = False) -> dict[str, PromptSet]:
