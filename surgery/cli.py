@@ -421,6 +421,8 @@ def train_options(f):
                      help="Weight of the KL to the original on the kept (harmless, borderline) replies."),
         click.option("--first-token-weight", type=float, default=5.0, show_default=True,
                      help="How many tokens the reply's first token counts for in both losses."),
+        click.option("--divergence", type=click.Choice(["symmetric", "forward", "reverse"]), default="symmetric",
+                     show_default=True, help="Divergence to the original on kept replies."),
         click.option("--max-over-refusal", type=float, default=0.10, show_default=True,
                      help="Early-stopping budget: harmless refusal on the validation split."),
         click.option("--max-kl", type=float, default=0.3, show_default=True,
@@ -442,7 +444,7 @@ def _run_train(method, model, o, default_lr):
     from .training.harden import train_harden
 
     cfg = TrainConfig(epochs=o["epochs"], lr=o["lr"] or default_lr, batch_size=o["batch_size"], seed=o["seed"],
-                      kl_weight=o["kl_weight"], first_token_weight=o["first_token_weight"],
+                      kl_weight=o["kl_weight"], first_token_weight=o["first_token_weight"], divergence=o["divergence"],
                       max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"])
     train_harden(model, o["out"], method, config=cfg,
                  prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),

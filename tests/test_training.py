@@ -202,3 +202,21 @@ def test_no_harmful_examples_fails_before_training(tmp_path, tiny_chat):
                      prompts=PromptConfig(harmful=str(empty), n_train=6, n_val=3), reply_tokens=6, run_eval=False,
                      progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_divergences_against_float64_reference():
+    from surgery.training.trainer import divergence
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.log_softmax(torch.randn(5, 11, generator=g, dtype=torch.float64), -1)
+    s = torch.log_softmax(torch.randn(5, 11, generator=g, dtype=torch.float64), -1)
+    fwd = (t.exp() * (t - s)).sum(-1)
+    rev = (s.exp() * (s - t)).sum(-1)
+    torch.testing.assert_close(divergence(t, s, "forward"), torch.nn.functional.kl_div(s, t, log_target=True,
+                                                                                          reduction="none").sum(-1))
+    torch.testing.assert_close(divergence(t, s, "reverse"), rev)
+    torch.testing.assert_close(divergence(t, s, "symmetric"), fwd + rev)
+    # the case the reverse term is for: the adapted model raises a token the original gave 1% to 40%
+    t1 = torch.log(torch.tensor([[0.99, 0.01]], dtype=torch.float64))
+    s1 = torch.log(torch.tensor([[0.60, 0.40]], dtype=torch.float64))
+    assert float(divergence(t1, s1, "reverse")) > 2 * float(divergence(t1, s1, "forward"))

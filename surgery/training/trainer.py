@@ -2,8 +2,9 @@
 ``surgery lora-sft`` and ``surgery sails``).
 
 Loss per batch = cross-entropy on the reply tokens of ``imitate`` examples (refusals)
-+ ``kl_weight`` x KL(original || adapted) over the reply positions of ``keep``
-examples.  The original is the same model with its adapters switched off
++ ``kl_weight`` x a divergence between the original and the adapted model over
+the reply positions of ``keep`` examples (symmetric KL by default: see
+:func:`divergence` for why forward KL alone lets refusal openings creep in).  The original is the same model with its adapters switched off
 (``disable_adapter``), so no second copy is held.  Distilling distributions
 rather than greedy text is what keeps first-token KL low.
 
@@ -42,6 +43,7 @@ class TrainConfig:
     warmup: float = 0.05
     kl_weight: float = 1.0
     first_token_weight: float = 5.0  # the reply's first token decides refusal: it counts this many tokens
+    divergence: str = "symmetric"  # forward | reverse | symmetric KL on kept replies (see ``divergence``)
     max_grad_norm: float = 1.0
     seed: int = 0
     eval_every: int | None = None  # steps; None = once per epoch
@@ -111,7 +113,28 @@ def _weights(tgt: torch.Tensor, first: float) -> torch.Tensor:
     return w[tgt]
 
 
-def _loss(pm, b: dict, kl_weight: float, first: float = 1.0) -> tuple[torch.Tensor, dict]:
+DIVERGENCES = ("forward", "reverse", "symmetric")
+
+
+def divergence(t_lp: torch.Tensor, s_lp: torch.Tensor, kind: str = "symmetric") -> torch.Tensor:
+    """Per-position divergence between the original's (``t_lp``) and the
+    adapted model's (``s_lp``) next-token log-probabilities.
+
+    Forward KL(original || adapted) weighs every token by the original's
+    probability, so it charges the adapted model little for raising a token
+    the original gave 1% (a refusal opening on a harmless prompt) to 40%;
+    reverse KL(adapted || original) charges exactly that.  ``symmetric`` (the
+    default) is their sum (Jeffreys divergence)."""
+    fwd = (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+    if kind == "forward":
+        return fwd
+    rev = (s_lp.exp() * (s_lp - t_lp)).sum(-1)
+    if kind == "reverse":
+        return rev
+    return fwd + rev
+
+
+def _loss(pm, b: dict, kl_weight: float, first: float = 1.0, kind: str = "symmetric") -> tuple[torch.Tensor, dict]:
     out = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
     logits = out.logits.float()
     parts: dict = {}
@@ -134,7 +157,7 @@ def _loss(pm, b: dict, kl_weight: float, first: float = 1.0) -> tuple[torch.Tens
         t_lp = F.log_softmax(t_logits[sel], dim=-1)
         s_lp = F.log_softmax(logits[keep_rows][sel], dim=-1)
         w = _weights(sel, first)
-        kl = (F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1) * w).sum() / w.sum()
+        kl = (divergence(t_lp, s_lp, kind) * w).sum() / w.sum()
         total = total + kl_weight * kl
         parts["kl"] = float(kl.detach())
     return total, parts
@@ -219,7 +242,7 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
         for epoch in range(cfg.epochs):
             for idx in _length_batches(data.examples, cfg.batch_size, rng):
                 b = _batch([data.examples[j] for j in idx], pad, lm.device)
-                loss, parts = _loss(pm, b, cfg.kl_weight, cfg.first_token_weight)
+                loss, parts = _loss(pm, b, cfg.kl_weight, cfg.first_token_weight, cfg.divergence)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
