@@ -105,7 +105,7 @@ def _train_once(tiny_chat, seed):
     pm, _ = attach(lm, LoraSpec(rank=2), seed=seed)
     val = {"harmful": list(builtin("harmful", "val").subset(2).prompts),
            "harmless": list(builtin("harmless", "val").subset(2).prompts)}
-    res = train(lm, pm, data, val, _cfg(seed=seed), progress=False)
+    res = train(lm, pm, data, val, _cfg(seed=seed, patience=99), progress=False)
     return {k: v.detach().clone() for k, v in pm.named_parameters() if "lora_" in k}, res
 
 
@@ -117,7 +117,7 @@ def test_training_is_deterministic_and_moves_the_adapters(tiny_chat):
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
     # 6 refusals + 6 kept replies + 6 refusal trajectories on kept prompts = 18 examples: 5 steps of 4, 2 epochs
-    assert ra.steps == 2 * 5 and len(ra.history) == 2
+    assert ra.steps == 2 * 5 and [p["step"] for p in ra.history] == [2, 4, 6, 8, 10]  # validated twice per epoch
     assert ra.best is not None
 
 
@@ -220,3 +220,15 @@ def test_divergences_against_float64_reference():
     t1 = torch.log(torch.tensor([[0.99, 0.01]], dtype=torch.float64))
     s1 = torch.log(torch.tensor([[0.60, 0.40]], dtype=torch.float64))
     assert float(divergence(t1, s1, "reverse")) > 2 * float(divergence(t1, s1, "forward"))
+
+
+def test_early_stopping_keeps_the_best_validation_point(tiny_chat):
+    lm = load_model(tiny_chat)
+    data = _data(lm)
+    pm, _ = attach(lm, LoraSpec(rank=2), seed=0)
+    val = {"harmful": list(builtin("harmful", "val").subset(2).prompts),
+           "harmless": list(builtin("harmless", "val").subset(2).prompts)}
+    res = train(lm, pm, data, val, _cfg(epochs=4, patience=1), progress=False)
+    # the tiny random model never refuses, so no later point beats the first in-budget one: it stops after one more
+    assert res.best == res.history[0] and len(res.history) == 2 and res.steps == 4 < 4 * 5
+    assert "no better validation point" in res.stopped

@@ -8,7 +8,7 @@ the reply positions of ``keep`` examples (symmetric KL by default: see
 (``disable_adapter``), so no second copy is held.  Distilling distributions
 rather than greedy text is what keeps first-token KL low.
 
-Validation: every ``eval_every`` steps (default: each epoch) the adapted model
+Validation: every ``eval_every`` steps (default: twice per epoch) the adapted model
 answers the validation prompts (greedy, judged by the refusal judge) and its
 first-token KL on harmless validation prompts is measured.  The kept adapter
 state is the best validation point: the highest harmful refusal among points
@@ -41,12 +41,12 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup: float = 0.05
-    kl_weight: float = 1.0
-    first_token_weight: float = 5.0  # the reply's first token decides refusal: it counts this many tokens
+    kl_weight: float = 3.0
+    first_token_weight: float = 10.0  # the reply's first token decides refusal: it counts this many tokens
     divergence: str = "symmetric"  # forward | reverse | symmetric KL on kept replies (see ``divergence``)
     max_grad_norm: float = 1.0
     seed: int = 0
-    eval_every: int | None = None  # steps; None = once per epoch
+    eval_every: int | None = None  # steps; None = twice per epoch
     eval_tokens: int = 24
     max_over_refusal: float = 0.10
     max_kl: float = 0.3
@@ -197,7 +197,7 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     ref_logp = first_token_logprobs(lm, list(val["harmless"]))  # adapters start at zero delta: the original
-    eval_every = cfg.eval_every or steps_per_epoch
+    eval_every = cfg.eval_every or max(1, steps_per_epoch // 2)
     res = TrainResult(0, 0.0)
     best_state = None
     since_best = 0
