@@ -54,3 +54,31 @@ def test_smollm2_rosi_end_to_end(tmp_path):
     ids = lm.tokenizer("Hello", return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(model(**ids).logits).all()
+    _recipe_and_reproduce(tmp_path, dfile, resolved)
+
+
+def _recipe_and_reproduce(tmp_path, dfile, resolved):
+    """The shipped ROSI recipe on the real model (direction and alpha given, so no
+    sweep), then `surgery reproduce` (bitwise) and `surgery diff` (rank one,
+    aligned with the direction, nothing else changed)."""
+    from click.testing import CliRunner
+
+    from surgery.cli import main
+    from surgery.diff import diff_checkpoints
+
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "rosi-smollm2.yaml"
+    out = tmp_path / "by-recipe"
+    runner = CliRunner()
+    res = runner.invoke(main, ["run", str(recipe), "--var", f"out={out}", "--var", "alpha=30",
+                               "--var", f"direction={dfile}", "--var", "no_eval=true"])
+    assert res.exit_code == 0, res.output
+    m = read_manifest(out)
+    assert m["recipe"]["text"] == recipe.read_text(encoding="utf-8")
+    res = runner.invoke(main, ["reproduce", str(out)])
+    assert res.exit_code == 0 and "IDENTICAL" in res.output, res.output
+    report = diff_checkpoints(resolved.folder, out, direction=dfile)
+    changed = [r for r in report.records if r.status == "changed"]
+    assert len(changed) == 60 and all(r.rank == 1 and r.cosine >= 0.99 for r in changed)
+    assert all(r.status in ("changed", "unchanged") for r in report.records)
