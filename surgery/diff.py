@@ -473,8 +473,7 @@ class DiffReport:
         """Write the two-panel PNG (relative change, rank) to ``path``."""
         import matplotlib
         import numpy
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from .plotting import figure, save_png
 
         layers, kinds, rel, rank = self.heatmap_data()
         if not layers:
@@ -483,8 +482,7 @@ class DiffReport:
         short = [k.replace(".weight", "") for k in kinds]
         w = max(8.0, 2 * (1.5 + 0.35 * len(kinds)))
         h = max(3.0, 1.5 + 0.22 * len(layers))
-        fig = Figure(figsize=(w, h), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = figure((w, h))
         axes = fig.subplots(1, 2)
         panels = ((rel, "relative change ||dW||_F / ||W_A||_F", "viridis"),
                   (rank, f"rank of dW ({self.energy:g} energy; {self.rank_q + 1} = >{self.rank_q})", "magma"))
@@ -507,12 +505,7 @@ class DiffReport:
             ax.set_ylabel("layer")
             fig.colorbar(im, ax=ax, shrink=0.8)
         fig.suptitle(f"{self.a['source']}  ->  {self.b['source']}", fontsize=10)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, format="png", dpi=110)
-        except OSError as e:
-            raise SurgeryError(f"cannot write plot {path}: {e.strerror or e}") from None
-        return path
+        return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -758,17 +758,15 @@ def plot_tune(data: Mapping, path: str | Path) -> Path:
     ringed and numbered, the unedited model as a cross), and every point's
     proxies (first-token refusal scores, colour = KL, the proxy front ringed)."""
     import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from .plotting import figure, save_png
     from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
 
     path = Path(path)
     pts = data["points"]
     kls = [v for p in pts for v in (p["proxy"].get("kl"), (p.get("metrics") or {}).get("kl")) if v is not None]
     norm = Normalize(vmin=0.0, vmax=max(kls + [1e-3]))
     cmap = matplotlib.colormaps["viridis"]
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure((12, 5))
     ax, ax2 = fig.subplots(1, 2)
     conf = [p for p in pts if p.get("metrics")]
     sc = None
@@ -812,9 +810,4 @@ def plot_tune(data: Mapping, path: str | Path) -> Path:
     ax2.grid(alpha=0.3)
     fig.colorbar(sc if sc is not None else sc2, ax=[ax, ax2], shrink=0.85, label="first-token KL (harmless)")
     fig.suptitle(f"surgery tune: gated injection on {data['model']['source']}", fontsize=10)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=110)
-    except OSError as e:
-        raise SurgeryError(f"cannot write plot {path}: {e.strerror or e}") from None
-    return path
+    return save_png(fig, path)

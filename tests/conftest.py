@@ -19,3 +19,16 @@ def tiny_chat_untied(tmp_path_factory):
     from tiny_chat import make_tiny_chat_model
 
     return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat_untied") / "model", tie=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls are orders of magnitude slower multi-threaded on a busy
+    2-core machine; modules of tiny-model tests opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -32,12 +32,7 @@ SHARD = "model-00001-of-00001.safetensors"
 TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"  # token-shaped, not a real token
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

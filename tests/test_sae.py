@@ -23,13 +23,7 @@ from surgery.sae.model import layer_of_hook
 from surgery.sae.subspace import subspace_rank
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core box are orders of magnitude slower multi-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sae(activation: str, d_in=8, d_sae=12, seed=0, hook="blocks.3.hook_resid_pre") -> SAE:

@@ -19,12 +19,7 @@ from surgery.training.sails import Sails
 from surgery.training.trainer import _batch, _loss, _weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(prompts=PromptConfig(n_train=6, n_val=3), reply_tokens=6, run_eval=False, progress=False)

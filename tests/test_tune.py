@@ -36,12 +36,7 @@ from surgery.tuning import OBJECTIVES, choose_point, pareto_front, parse_rule, s
 SMALL = PromptConfig(n_train=8, n_val=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- Pareto front

@@ -26,13 +26,7 @@ from surgery.units.classify import CODE
 from tiny_models import make_tiny_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core box are orders of magnitude slower multi-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def raw(t: torch.Tensor) -> bytes:

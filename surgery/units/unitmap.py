@@ -166,14 +166,12 @@ class UnitMap:
     def plot(self, path: str | Path) -> Path:
         """PNG: one row per layer, stacked bars of the class shares, attention
         and MLP side by side (matplotlib Agg canvas, no pyplot)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from ..plotting import figure, save_png
 
         path = Path(path)
         layers = self.layers()
         s = {row["layer"]: row for row in self.summary()["layers"]}
-        fig = Figure(figsize=(10, max(3.0, 1.2 + 0.25 * len(layers))), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = figure((10, max(3.0, 1.2 + 0.25 * len(layers))))
         axes = fig.subplots(1, 2, sharey=True)
         order = ["safety-critical", "complex", "utility-critical", "redundant", "other"]
         for ax, kind, title in zip(axes, ("attn", "mlp"), ("attention (o_proj input channels)",
@@ -193,9 +191,4 @@ class UnitMap:
         handles, labels = axes[1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=len(order), fontsize=8, frameon=False)
         fig.suptitle(f"unit classes: {self.meta.get('model', {}).get('source', '')}", fontsize=10)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, format="png", dpi=110)
-        except OSError as e:
-            raise SurgeryError(f"cannot write plot {path}: {e.strerror or e}") from None
-        return path
+        return save_png(fig, path)
