@@ -11,7 +11,10 @@ perplexity ratio on the original's replies, trainable parameters, wall time.
 
 ``--lora-rank`` defaults to the rank giving plain LoRA about as many trainable
 parameters as SAILS had (read from its manifest) when SAILS ran first;
-``--reuse`` evaluates existing outputs instead of rebuilding them.
+``--reuse`` evaluates existing outputs instead of rebuilding them;
+``--from-manifests`` takes each output's own before/after evaluation from its
+``surgery.json`` (the same test split, judge and reply length as here) instead
+of evaluating again.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=None)
     ap.add_argument("--reuse", action="store_true")
     ap.add_argument("--eval-tokens", type=int, default=48)
+    ap.add_argument("--from-manifests", action="store_true")
     args = ap.parse_args()
 
     from surgery.checkpoint import resolve_model
@@ -73,8 +77,25 @@ def main() -> None:
 
             with CheckpointReader(out) as r:
                 per_rank = sum(sum(r.shape(mod + ".weight")) for mod in p["modules"])
-        info[m] = {"out": out, "wall_s": wall if wall is not None else man.get("wall_s"), "trainable": trainable,
+        # wall time of this run when built here, else the training time the manifest records
+        info[m] = {"out": out, "wall_s": wall if wall is not None else (p.get("result") or {}).get("seconds"),
+                   "trainable": trainable,
                    "per_rank": per_rank}
+
+    if args.from_manifests:
+        rows = {}
+        for m in methods:
+            ev = read_manifest(info[m]["out"]).get("evaluation")
+            if not ev:
+                raise SystemExit(f"{info[m]['out']}: no evaluation in surgery.json (run without --from-manifests)")
+            rows.setdefault("original", summary_row(ev["before"]))
+            row = summary_row(ev["after"])
+            row["trainable_params"] = info[m]["trainable"]
+            row["wall_s"] = round(info[m]["wall_s"], 0) if info[m]["wall_s"] else None
+            rows[m] = row
+        print("\n" + format_table(rows))
+        (args.work / "results.json").write_text(json.dumps(rows, indent=2))
+        return
 
     base = load_model(resolve_model(args.model).folder)
     sets = test_sets(PromptConfig())
