@@ -92,7 +92,7 @@ def main() -> None:
     from surgery.prompts import builtin
     from surgery.training import LoraSpec, TrainConfig, attach, train
     from surgery.training.data import Example, RefusalData
-    from surgery.units import protect
+    from surgery.units import protect, units
 
     torch.manual_seed(0)
     w = args.work
@@ -148,12 +148,15 @@ def main() -> None:
             r = safe_lora(str(args.aligned), out, base=args.base, adapter=str(adapter_dir), overwrite=True, say=print, **kw)
             touched[name] = f"{len(r.projected)} of {len(r.rows)} modules projected"
         rows_out[name] = out
+    umap = w / "units.safetensors"  # measured once on the aligned model, used by both restores
     for name, inc in (("SSAH restore SCU", False), ("SSAH restore SCU+CU", True)):
         out = w / name.replace(" ", "_").replace("+", "p")
         if only and name not in only:
             continue
         if not (args.reuse and (out / "surgery.json").is_file()):
-            r = protect(str(args.aligned), str(ft), out, include_complex=inc, overwrite=True, say=print)
+            if not umap.is_file():
+                units(str(args.aligned), umap, plot=w / "units.png", say=print)
+            r = protect(str(args.aligned), str(ft), out, units=umap, include_complex=inc, overwrite=True, say=print)
             total = sum(int(m.classes.numel()) for m in r.unit_map.matrices.values())
             touched[name] = f"{len(r.restored)} of {total} units restored ({len(r.restored) / total:.2%})"
         rows_out[name] = out
