@@ -431,6 +431,10 @@ def train_options(f):
                      help="Length of the model's own replies used as kept behaviour."),
         click.option("--no-own-refusals", is_flag=True,
                      help="Use only the project's refusal texts (not the model's own refusals under a safety prompt)."),
+        click.option("--unit-mask", type=click.Path(path_type=Path), default=None,
+                     help="A map from `surgery units`: adapt only the units of --unit-classes (SSAH alignment budget)."),
+        click.option("--unit-classes", default="redundant", show_default=True,
+                     help="Comma list of unit classes the updates may use (with --unit-mask)."),
         click.option("--no-adapter", is_flag=True, help="Do not also write the PEFT adapter to OUT/adapter/."),
         click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation."),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end)."),
@@ -450,7 +454,8 @@ def _run_train(method, model, o, default_lr):
                  prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),
                  reply_tokens=o["reply_tokens"], own_refusals=not o["no_own_refusals"],
                  save_adapter=not o["no_adapter"], run_eval=not o["no_eval"], overwrite=o["overwrite"],
-                 revision=o["revision"], allow_pickle=o["allow_pickle"], device=o["device"], say=_say)
+                 revision=o["revision"], allow_pickle=o["allow_pickle"], device=o["device"], say=_say,
+                 unit_mask=o["unit_mask"], unit_classes=tuple(c.strip() for c in o["unit_classes"].split(",") if c.strip()))
 
 
 LORA_PRESETS = {

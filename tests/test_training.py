@@ -227,3 +227,29 @@ def test_early_stopping_keeps_the_best_validation_point(tiny_chat):
     # the tiny random model never refuses, so no later point beats the first in-budget one: it stops after one more
     assert res.best == res.history[0] and len(res.history) == 2 and res.steps == 4 < 4 * 5
     assert "no better validation point" in res.stopped
+
+
+def test_unit_mask_keeps_updates_in_the_allowed_units(tmp_path, tiny_chat):
+    """lora-sft with a `surgery units` map: the merged change of every write
+    matrix is zero outside the redundant units' input channels."""
+    from surgery.units import units
+    from surgery.units.classify import CODE
+    from surgery.units.unitmap import UnitMap
+
+    umap_path = tmp_path / "units.safetensors"
+    units(str(tiny_chat), umap_path, limit=4, max_new_tokens=4)
+    umap = UnitMap.load(umap_path)
+    out = tmp_path / "masked"
+    train_harden(str(tiny_chat), out, LoraSFT(rank=2), config=_cfg(), unit_mask=umap_path, **SMALL)
+    assert read_manifest(out)["method"]["parameters"]["unit_mask"]["masked_modules"] == 8
+    by_module = {m.module: m for m in umap.matrices.values()}
+    n_allowed = n_total = 0
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(out) as b:
+        for module, mu in by_module.items():
+            d = b.get(module + ".weight") - a.get(module + ".weight")
+            allowed = mu.classes == CODE["redundant"]
+            assert float(d[:, ~allowed].abs().sum()) == 0.0, module
+            assert float(d[:, allowed].abs().sum()) > 0 or not allowed.any(), module
+            n_allowed += int(allowed.sum())
+            n_total += allowed.numel()
+    assert 0 < n_allowed < n_total  # the mask is neither empty nor everything

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..checkpoint import CheckpointWriter
+from ..checkpoint import CheckpointWriter, sha256_file
 from ..errors import SurgeryError
 from ..manifest import build_manifest, update_manifest
 from ..model import LoadedModel, load_model
@@ -88,7 +88,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
                  prompts=None, reply_tokens: int = 40, own_refusals: bool = True, save_adapter: bool = True,
                  run_eval: bool = True, eval_tokens: int = 48, overwrite: bool = False, revision: str | None = None,
                  allow_pickle: bool = False, device: str | None = None, max_shard_bytes: int = 5_000_000_000,
-                 say: Say | None = None, progress: bool = True) -> TrainedResult:
+                 say: Say | None = None, progress: bool = True, unit_mask: str | Path | None = None,
+                 unit_classes: Sequence[str] = ("redundant",)) -> TrainedResult:
     from ..adapters.peft import load_adapter, merge_edit
     from ..pipeline import PromptConfig, _say, evaluate_models, input_info, open_model, write_edited
 
@@ -97,6 +98,11 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
     CheckpointWriter.check_target(out, overwrite)
     prompts = prompts or PromptConfig()
     config = config or TrainConfig()
+    umap = None
+    if unit_mask is not None:  # the SSAH "alignment budget": updates only in these units' channels
+        from ..units.unitmap import UnitMap
+
+        umap = UnitMap.load(unit_mask)
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
         sets = ["harmful", "harmless"] + (["borderline"] if prompts.borderline else [])
@@ -113,6 +119,18 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
             work = Path(work_s)
             spec = method.build_spec(lm, prompts, data, work, say)
             pm, targets = attach(lm, spec, seed=config.seed)
+            mask_record = None
+            if umap is not None:
+                from ..units.mask import apply_mask, unit_mask as make_mask
+
+                handle = apply_mask(pm, make_mask(umap, unit_classes))
+                if not handle.masked:
+                    raise SurgeryError(f"unit mask {unit_mask}: none of its matrices is adapted here")
+                mask_record = {"file": str(unit_mask), "sha256": sha256_file(unit_mask), "classes": list(unit_classes),
+                               "masked_modules": len(handle.masked), "unmasked_modules": handle.unmasked}
+                say(f"unit mask: updates only in {', '.join(unit_classes)} units of {len(handle.masked)} modules"
+                    + (f" ({len(handle.unmasked)} adapted modules not in the map are unmasked)" if handle.unmasked
+                       else ""))
             n_train = trainable_parameters(pm)
             say(f"{method.name}: {len(targets)} modules, {n_train:,} trainable parameters "
                 f"({n_train / sum(p.numel() for p in lm.model.parameters()):.3%} of the model)")
@@ -127,6 +145,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
             plan = adapter.check_against(reader)
             edit, extra = merge_edit(reader, adapter, plan)
             params = {"lora": spec.describe(), "training": config.describe(), "trainable_parameters": n_train,
+                      "unit_mask": mask_record,
                       "modules": [t.module for t in targets], "result": result.describe(),
                       "merge": "W' = W + (lora_alpha / r) * B @ A, computed in float32, stored in the input dtype"}
             datasets = {"refusal_data": data.describe(), **{f"{k}_val": v.describe() for k, v in val.items()}}
