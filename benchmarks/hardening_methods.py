@@ -91,7 +91,7 @@ def main() -> None:
             rows.setdefault("original", summary_row(ev["before"]))
             row = summary_row(ev["after"])
             row["trainable_params"] = info[m]["trainable"]
-            row["wall_s"] = round(info[m]["wall_s"], 0) if info[m]["wall_s"] else None
+            row["wall_s"] = int(round(info[m]["wall_s"])) if info[m]["wall_s"] else None
             rows[m] = row
         print("\n" + format_table(rows))
         (args.work / "results.json").write_text(json.dumps(rows, indent=2))
@@ -106,7 +106,7 @@ def main() -> None:
         lm = load_model(info[m]["out"])
         row = summary_row(evaluate(lm, sets, reference=base, max_new_tokens=args.eval_tokens, reference_cache=cache))
         row["trainable_params"] = info[m]["trainable"]
-        row["wall_s"] = round(info[m]["wall_s"], 0) if info[m]["wall_s"] else None
+        row["wall_s"] = int(round(info[m]["wall_s"])) if info[m]["wall_s"] else None
         rows[m] = row
         del lm
     print("\n" + format_table(rows))
