@@ -145,8 +145,9 @@ def main() -> None:
         if only and name not in only:
             continue
         if not (args.reuse and (out / "surgery.json").is_file()):
-            r = safe_lora(str(args.aligned), out, base=args.base, adapter=str(adapter_dir), overwrite=True, say=print, **kw)
-            touched[name] = f"{len(r.projected)} of {len(r.rows)} modules projected"
+            safe_lora(str(args.aligned), out, base=args.base, adapter=str(adapter_dir), overwrite=True, say=print, **kw)
+        rows = json.loads((out / "safe_lora.json").read_text())["rows"]  # also for reused outputs
+        touched[name] = f"{sum(r['projected'] for r in rows)} of {len(rows)} modules projected"
         rows_out[name] = out
     umap = w / "units.safetensors"  # measured once on the aligned model, used by both restores
     for name, inc in (("SSAH restore SCU", False), ("SSAH restore SCU+CU", True)):

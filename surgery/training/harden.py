@@ -11,13 +11,11 @@ with the manifest → before/after evaluation on the test split.
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 
 from ..checkpoint import CheckpointWriter, sha256_file
 from ..errors import SurgeryError

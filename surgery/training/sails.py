@@ -135,7 +135,7 @@ class Sails(TrainMethod):
             text_a.append([p + "  [refusal]" for p in harm_p])
             text_b.append([p + "  [own answer]" for p in safe_p])
         texts = [t for ts in text_a for t in ts] + [t for ts in text_b for t in ts]
-        self.subspaces, per_layer = {}, {}
+        self.subspaces = {}
         for layer, sae in saes.items():
             a_rows, b_rows, a_idx, b_idx, off = [], [], [], [], 0
             for (acts, idx), ts in zip(sides_a, text_a):
@@ -146,7 +146,6 @@ class Sails(TrainMethod):
                                   variance=self.variance, texts=texts, text_index=torch.cat(a_idx + b_idx), top_n=3)
             sub.save(work / "subspace" / f"layer_{layer}.safetensors")
             self.subspaces[layer] = sub
-            per_layer[layer] = sub
             say(f"  safety subspace at layer {layer}: rank {sub.rank} from {len(sub.feature_ids)} features "
                 f"({sub.explained:.0%} of their energy)")
         self.record = {
@@ -160,10 +159,10 @@ class Sails(TrainMethod):
                                   "features": [{"id": int(f), "score": float(sc), "diff": float(df),
                                                 "top_texts": s.top_texts.get(int(f), [])}
                                                for f, sc, df in zip(s.feature_ids, s.scores, s.diffs)]}
-                         for l, s in per_layer.items()},
+                         for l, s in self.subspaces.items()},
         }
-        return LoraSpec(rank=max(s.rank for s in per_layer.values()), targets=self.targets, layers=self.layers,
-                        init="subspace", subspace={l: s.U.float() for l, s in per_layer.items()},
+        return LoraSpec(rank=max(s.rank for s in self.subspaces.values()), targets=self.targets, layers=self.layers,
+                        init="subspace", subspace={l: s.U.float() for l, s in self.subspaces.items()},
                         train_b=self.train_b, extra={"method": "sails"})
 
     def manifest_extra(self) -> dict:
