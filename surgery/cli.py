@@ -191,7 +191,8 @@ def inject(model, post_weight, ridge, no_borderline_calibration, rank, fit, null
 @click.argument("model")
 @click.option("--reference", default=None, help="Reference model for KL and perplexity (e.g. the original).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Write the JSON report here (every reply with its verdict).")
 @click.option("--limit", type=int, default=None, help="At most N prompts per set (a deterministic subset).")
 @prompt_options
 @model_options
@@ -217,9 +218,11 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
     lm = load_model(res.folder, device=device)
     cache: dict = {}
     if ref_lm is not None:
-        reports["reference"] = evaluate(ref_lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache)
+        reports["reference"] = evaluate(ref_lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache,
+                                        examples=None)
         rows["reference"] = summary_row(reports["reference"])
-    reports["model"] = evaluate(lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache)
+    reports["model"] = evaluate(lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache,
+                                examples=None)
     rows["model"] = summary_row(reports["model"])
     _say(format_table(rows))
     _say("selectivity: harmful_refusal = refused harmful prompts (higher is safer); over-refusal (lower is better): "
@@ -429,6 +432,9 @@ def train_options(f):
                      help="Early-stopping budget: first-token KL on harmless validation prompts."),
         click.option("--reply-tokens", type=int, default=40, show_default=True,
                      help="Length of the model's own replies used as kept behaviour."),
+        click.option("--trajectory-tokens", type=int, default=6, show_default=True,
+                     help="Refusal trajectories: tokens of a refusal opening after each kept prompt along which the "
+                          "model keeps the original's distribution (0: none)."),
         click.option("--no-own-refusals", is_flag=True,
                      help="Use only the project's refusal texts (not the model's own refusals under a safety prompt)."),
         click.option("--unit-mask", type=click.Path(path_type=Path), default=None,
@@ -453,7 +459,7 @@ def _run_train(method, model, o, default_lr):
     train_harden(model, o["out"], method, config=cfg,
                  prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),
                  reply_tokens=o["reply_tokens"], own_refusals=not o["no_own_refusals"],
-                 save_adapter=not o["no_adapter"], run_eval=not o["no_eval"], overwrite=o["overwrite"],
+                 refusal_trajectories=o["trajectory_tokens"], save_adapter=not o["no_adapter"], run_eval=not o["no_eval"], overwrite=o["overwrite"],
                  revision=o["revision"], allow_pickle=o["allow_pickle"], device=o["device"], say=_say,
                  unit_mask=o["unit_mask"], unit_classes=tuple(c.strip() for c in o["unit_classes"].split(",") if c.strip()))
 

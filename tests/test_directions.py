@@ -131,3 +131,7 @@ def test_cli_directions_and_eval(tmp_path, tiny_chat):
     assert data["model"]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert set(data["model"]["sets"]) == {"harmful", "harmless", "borderline"}
     assert data["model"]["sets"]["harmful"]["count"] == 40
+    # the report keeps every reply with its verdict, so a judge can be re-run on it
+    ex = data["model"]["sets"]["harmless"]["examples"]
+    assert len(ex) == 40 and all(set(e) == {"prompt", "reply", "refused"} for e in ex)
+    assert data["model"]["judge_description"]["markers"] and "excluded" in data["model"]["judge_description"]

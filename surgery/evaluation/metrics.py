@@ -75,19 +75,22 @@ def refusal_rate(lm: LoadedModel, prompts: Sequence[str], judge: Judge, max_new_
 
 def evaluate(lm: LoadedModel, sets: dict[str, PromptSet], reference: LoadedModel | None = None,
              judge: Judge | None = None, max_new_tokens: int = 48, batch_size: int = 32,
-             reference_cache: dict | None = None, examples: int = 3) -> dict:
+             reference_cache: dict | None = None, examples: int | None = 3) -> dict:
     """Evaluate ``lm`` on named prompt sets (``harmful``, ``harmless``, optional
     ``borderline``).  With a ``reference`` model, also first-token KL and
     perplexity on the reference's harmless replies (``reference_cache`` lets a
-    before/after pair share the reference's work)."""
+    before/after pair share the reference's work).  ``examples``: how many
+    prompts keep their reply and verdict in the report (None: every one)."""
     judge = judge or MarkerJudge()
     t0 = time.time()
     report: dict = {"judge": getattr(judge, "name", type(judge).__name__), "max_new_tokens": max_new_tokens, "sets": {}}
+    if hasattr(judge, "describe"):
+        report["judge_description"] = judge.describe()
     for name, ps in sets.items():
         rate, replies, verdicts = refusal_rate(lm, list(ps.prompts), judge, max_new_tokens, batch_size)
         report["sets"][name] = {**ps.describe(), "refusal_rate": rate,
                                 "examples": [{"prompt": p, "reply": r, "refused": v}
-                                             for p, r, v in list(zip(ps.prompts, replies, verdicts))[:examples]]}
+                                             for p, r, v in list(zip(ps.prompts, replies, verdicts))[:examples]]}  # None: all
     if reference is not None and "harmless" in sets:
         harmless = list(sets["harmless"].prompts)
         cache = reference_cache if reference_cache is not None else {}

@@ -83,7 +83,8 @@ def _adapter_files(folder: Path) -> dict[str, Path]:
 
 
 def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: TrainConfig | None = None,
-                 prompts=None, reply_tokens: int = 40, own_refusals: bool = True, save_adapter: bool = True,
+                 prompts=None, reply_tokens: int = 40, own_refusals: bool = True, refusal_trajectories: int = 6,
+                 save_adapter: bool = True,
                  run_eval: bool = True, eval_tokens: int = 48, overwrite: bool = False, revision: str | None = None,
                  allow_pickle: bool = False, device: str | None = None, max_shard_bytes: int = 5_000_000_000,
                  say: Say | None = None, progress: bool = True, unit_mask: str | Path | None = None,
@@ -111,7 +112,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
         say(f"refusal data: {len(harmful)} harmful -> refusals, "
             + " + ".join(f"{len(k)} {k.source}" for k in keep) + " -> the model's own replies")
         data = build_refusal_data(lm, harmful, keep, reply_tokens=reply_tokens, own_refusals=own_refusals,
-                                  seed=config.seed)
+                                  seed=config.seed, refusal_trajectories=refusal_trajectories)
         say(f"  {data.counts()}")
         with tempfile.TemporaryDirectory(prefix="surgery-") as work_s:
             work = Path(work_s)
