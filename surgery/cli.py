@@ -432,7 +432,7 @@ def train_options(f):
                      help="Early-stopping budget: first-token KL on harmless validation prompts."),
         click.option("--reply-tokens", type=int, default=40, show_default=True,
                      help="Length of the model's own replies used as kept behaviour."),
-        click.option("--trajectory-tokens", type=int, default=6, show_default=True,
+        click.option("--trajectory-tokens", type=int, default=2, show_default=True,
                      help="Refusal trajectories: tokens of a refusal opening after each kept prompt along which the "
                           "model keeps the original's distribution (0: none)."),
         click.option("--no-own-refusals", is_flag=True,

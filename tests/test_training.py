@@ -60,7 +60,7 @@ def test_refusal_data_kinds(tiny_chat):
             assert e.kind == "imitate" and e.reply_ids[-1] == eos  # a refusal is a whole turn
         if e.origin == "refusal-trajectory":
             # a refusal's opening after a harmless prompt, kept as the original would continue it
-            assert e.kind == "keep" and len(e.reply_ids) == 6
+            assert e.kind == "keep" and len(e.reply_ids) == 2  # the default: "I" + "'m"
             assert e.prompt in builtin("harmless", "train").prompts
 
 

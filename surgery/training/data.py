@@ -15,7 +15,12 @@ harmless (and borderline) prompt → the model's own reply.
   forcing on the model's own replies never visits a refusal prefix, so without
   these the adapted model is free to continue "I" with "'m sorry" on harmless
   prompts; the original, which barely refuses, gives those continuations low
-  probability, and matching it there is what keeps over-refusal down.
+  probability, and matching it there is what keeps over-refusal down.  Two
+  tokens by default ("I" + "'m"): with six ("I'm sorry, but I can't") the
+  trajectories also taught the original's continuation of "I'm sorry" on
+  harmless prompts ("… for your loss"), and the trained model began its
+  harmful refusals with it ("I'm sorry for your loss. I'm here to help…"):
+  validation harmful refusal 72% with six tokens, 92% with two (docs/training.md).
 
 Every example stores token ids (prompt rendered with the chat template, reply
 ending with the end-of-turn token when the reply was complete), so the trainer
@@ -78,7 +83,7 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
 
 def build_refusal_data(lm: LoadedModel, harmful: PromptSet, keep: Sequence[PromptSet], *, reply_tokens: int = 40,
                        own_refusals: bool = True, judge: Judge | None = None, seed: int = 0,
-                       batch_size: int = 32, refusal_trajectories: int = 6) -> RefusalData:
+                       batch_size: int = 32, refusal_trajectories: int = 2) -> RefusalData:
     """Examples for refusal training.  ``keep`` are the sets whose behaviour is
     kept (harmless, borderline).  Raises before any generation when a set is
     empty (a trainer without harmful examples would teach nothing)."""

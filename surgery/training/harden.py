@@ -83,7 +83,7 @@ def _adapter_files(folder: Path) -> dict[str, Path]:
 
 
 def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: TrainConfig | None = None,
-                 prompts=None, reply_tokens: int = 40, own_refusals: bool = True, refusal_trajectories: int = 6,
+                 prompts=None, reply_tokens: int = 40, own_refusals: bool = True, refusal_trajectories: int = 2,
                  save_adapter: bool = True,
                  run_eval: bool = True, eval_tokens: int = 48, overwrite: bool = False, revision: str | None = None,
                  allow_pickle: bool = False, device: str | None = None, max_shard_bytes: int = 5_000_000_000,
