@@ -654,6 +654,8 @@ def _check_choice(pick, rule) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="TPE seed.")
 @click.option("--confirm", type=int, default=8, show_default=True,
               help="Points of the proxy front confirmed by generation.")
+@click.option("--confirm-max-kl", type=float, default=None,
+              help="Confirm only points within this first-token KL (exact at proxy time; default: --rule's kl bound).")
 @click.option("--eval-tokens", type=int, default=48, show_default=True, help="Reply length judged when confirming.")
 @click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
               help="A direction file from `surgery directions` (default: computed now).")
@@ -671,12 +673,13 @@ def _check_choice(pick, rule) -> None:
 @click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB (--write).")
 @prompt_options
 @model_options
-def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sampler, trials, seed, confirm, eval_tokens,
+def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sampler, trials, seed, confirm,
+             confirm_max_kl, eval_tokens,
              direction_file, sources, no_borderline_calibration, write_out, pick, rule, overwrite, max_shard_size,
              harmful, harmless, borderline, column, revision, allow_pickle, device):
     """Search gated injection's strength, layer range, gate constraint and rank on the validation split
     (first-token proxies, then generation on the proxy front); save the Pareto front (JSON + PNG)."""
-    from .tuning import apply_tune, tune
+    from .tuning import apply_tune, parse_rule, tune
 
     _check_choice(pick, rule)
     if write_out is None and (pick is not None or rule is not None):
@@ -693,6 +696,8 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
     tune(model, out, fit=fit, alphas=_floats(alphas) if alphas else None, layer_ranges=_layer_ranges(layer_ranges),
          strengths=_floats(strengths) if strengths else None, ranks=rank_list, ridge=ridge, sampler=sampler,
          trials=trials, seed=seed, confirm=confirm, eval_tokens=eval_tokens, direction_file=direction_file,
+         confirm_max_kl=confirm_max_kl if confirm_max_kl is not None or rule is None
+         else dict(parse_rule(rule).conditions).get("kl"),
          sources=sources or ("response",), prompts=_prompts(harmful, harmless, borderline, column),
          borderline_calibration=not no_borderline_calibration, overwrite=overwrite, revision=revision,
          allow_pickle=allow_pickle, device=device, say=_say)

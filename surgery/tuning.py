@@ -350,11 +350,20 @@ def search(space: SearchSpace, evaluate: Callable[[dict], dict], sampler: str = 
     return points
 
 
-def select_for_confirmation(points: Sequence[Mapping], n: int) -> list[int]:
+def select_for_confirmation(points: Sequence[Mapping], n: int, max_kl: float | None = None) -> list[int]:
     """Ids of up to ``n`` points of the proxy front, spread evenly along the
-    harmful refusal score (the front's ends included)."""
-    front = pareto_front([p["proxy"] for p in points], PROXY_OBJECTIVES)
-    ids = [points[i]["id"] for i in front]
+    harmful refusal score (the front's ends included).  First-token KL is exact
+    at proxy time, so with ``max_kl`` (a rule's KL bound) the front is taken over
+    the points within it: otherwise generation is spent on points the rule must
+    reject, and the strongest admissible ones go unconfirmed (SmolLM2: 5 of 8
+    confirmed points had KL <= 0.05 while the front within KL 0.3 reached twice
+    their refusal score).  No point within the bound: the whole front."""
+    pool = list(points)
+    if max_kl is not None:
+        within = [p for p in points if p["proxy"].get("kl") is not None and p["proxy"]["kl"] <= max_kl]
+        pool = within or pool
+    front = pareto_front([p["proxy"] for p in pool], PROXY_OBJECTIVES)
+    ids = [pool[i]["id"] for i in front]
     if len(ids) <= n or n <= 0:
         return ids if n > 0 else []
     byid = {p["id"]: p for p in points}
@@ -476,8 +485,8 @@ class _AtomicFolder:
 def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[float] | None = None,
          layer_ranges: Sequence[Sequence[int]] | None = None, strengths: Sequence[float] | None = None,
          ranks: Sequence[int] | None = None, ridge: float = 0.1, sampler: str = "grid", trials: int | None = None,
-         seed: int = 0, confirm: int = 8, eval_tokens: int = 48, direction_file: str | Path | None = None,
-         sources: Sequence[str] = ("response",), rank_by: str = "selectivity", prompts=None,
+         seed: int = 0, confirm: int = 8, confirm_max_kl: float | None = None, eval_tokens: int = 48,
+         direction_file: str | Path | None = None, sources: Sequence[str] = ("response",), rank_by: str = "selectivity", prompts=None,
          borderline_calibration: bool = True, overwrite: bool = False, revision: str | None = None,
          allow_pickle: bool = False, device: str | None = None, batch_size: int = 40, say=None) -> TuneResult:
     """Pareto search of gated injection on the validation split (module
@@ -582,7 +591,7 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
         points = search(space, evaluate, sampler, trials, seed, progress)
         for p in points:
             p["fit_id"] = get_fit(p["params"]["strength"], p["params"]["rank"])[0]
-        chosen = select_for_confirmation(points, confirm)
+        chosen = select_for_confirmation(points, confirm, confirm_max_kl)
         proxy_front = {points[i]["id"] for i in pareto_front([p["proxy"] for p in points], PROXY_OBJECTIVES)}
         say(f"proxy front: {len(proxy_front)} points; confirming {len(chosen)} by generation ({eval_tokens} tokens)")
         judge = MarkerJudge()
@@ -617,6 +626,7 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
                          "tune_harmless_val": bv.describe(), **({"tune_borderline_val": blv.describe()} if blv else {})},
             "space": space.to_dict(),
             "search": {"sampler": sampler, "trials": len(points), "seed": seed, "confirm": confirm,
+                       "confirm_max_kl": confirm_max_kl,
                        "eval_tokens": eval_tokens, "judge": getattr(judge, "name", type(judge).__name__),
                        "proxy": "mean first-token refusal score log p(R) - log(1 - p(R)) (surgery.directions), "
                                 "first-token KL on harmless prompts",

@@ -92,6 +92,10 @@ def test_confirmation_takes_spread_front_points():
     sel = select_for_confirmation(pts, 4)
     assert sel == [0, 3, 6, 9]  # both ends of the front, evenly between
     assert select_for_confirmation(pts, 1) == [9]
+    # a KL bound (exact at proxy time) confines the front: 0..5 are within KL 5, so the ends are 0 and 5
+    assert select_for_confirmation(pts, 3, max_kl=5.0) == [0, 2, 5]  # round(2.5) == 2
+    assert select_for_confirmation(pts, 1, max_kl=5.0) == [5]
+    assert select_for_confirmation(pts, 2, max_kl=-1.0) == [0, 9]  # none within: the whole front
 
 
 # ----------------------------------------------------------------------------- rules
@@ -470,3 +474,22 @@ def test_tpe_sampler_when_optuna_is_installed(tmp_path, tiny_chat, calib):
     for p in pts:
         assert 0.5 <= p["params"]["alpha"] <= 2.0 and p["params"]["layers"] in ([0, 3], [1, 3])
         assert p["params"]["strength"] in (1.0, 10.0)
+
+
+def test_tune_confirms_only_within_the_kl_bound(tuned, tiny_chat):
+    tmp, _, data, _ = tuned
+    kls = sorted(p["proxy"]["kl"] for p in data["points"])
+    bound = kls[len(kls) // 2]
+    out = tmp / "tune-kl"
+    r = CliRunner().invoke(cli, ["tune", str(tiny_chat), "-o", str(out), "--alphas", "0.5,3", "--layer-ranges", "0-3,1-2",
+                                 "--strengths", "1,10", "--ranks", "1,2", "--confirm", "4", "--eval-tokens", "4",
+                                 "--direction", str(tmp / "d.safetensors"), "--harmful", "builtin:harmful",
+                                 "--harmless", "builtin:harmless", "--confirm-max-kl", str(bound)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "tune.json").read_text())
+    confirmed = [p for p in d["points"] if p.get("confirmed")]
+    assert confirmed and all(p["proxy"]["kl"] <= bound for p in confirmed)
+    assert d["search"]["confirm_max_kl"] == pytest.approx(bound)
+    # the same proxies as the unbounded search: only the choice of what to confirm changed
+    assert [p["proxy"] for p in d["points"]] == [p["proxy"] for p in data["points"]]
