@@ -459,7 +459,8 @@ def _run_train(method, model, o, default_lr):
     train_harden(model, o["out"], method, config=cfg,
                  prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),
                  reply_tokens=o["reply_tokens"], own_refusals=not o["no_own_refusals"],
-                 refusal_trajectories=o["trajectory_tokens"], save_adapter=not o["no_adapter"], run_eval=not o["no_eval"], overwrite=o["overwrite"],
+                 refusal_trajectories=o["trajectory_tokens"], save_adapter=not o["no_adapter"],
+                 run_eval=not o["no_eval"], overwrite=o["overwrite"],
                  revision=o["revision"], allow_pickle=o["allow_pickle"], device=o["device"], say=_say,
                  unit_mask=o["unit_mask"], unit_classes=tuple(c.strip() for c in o["unit_classes"].split(",") if c.strip()))
 
@@ -682,6 +683,8 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
     from .tuning import apply_tune, parse_rule, tune
 
     _check_choice(pick, rule)
+    if confirm_max_kl is None and rule is not None:  # KL is exact at proxy time: confirm only what the rule can take
+        confirm_max_kl = dict(parse_rule(rule).conditions).get("kl")
     if write_out is None and (pick is not None or rule is not None):
         raise click.UsageError("--pick/--rule choose the point --write writes: add --write OUT (or run surgery tune-apply)")
     if write_out is not None and pick is None and rule is None:
@@ -696,8 +699,7 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
     tune(model, out, fit=fit, alphas=_floats(alphas) if alphas else None, layer_ranges=_layer_ranges(layer_ranges),
          strengths=_floats(strengths) if strengths else None, ranks=rank_list, ridge=ridge, sampler=sampler,
          trials=trials, seed=seed, confirm=confirm, eval_tokens=eval_tokens, direction_file=direction_file,
-         confirm_max_kl=confirm_max_kl if confirm_max_kl is not None or rule is None
-         else dict(parse_rule(rule).conditions).get("kl"),
+         confirm_max_kl=confirm_max_kl,
          sources=sources or ("response",), prompts=_prompts(harmful, harmless, borderline, column),
          borderline_calibration=not no_borderline_calibration, overwrite=overwrite, revision=revision,
          allow_pickle=allow_pickle, device=device, say=_say)

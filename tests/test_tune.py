@@ -493,3 +493,18 @@ def test_tune_confirms_only_within_the_kl_bound(tuned, tiny_chat):
     assert d["search"]["confirm_max_kl"] == pytest.approx(bound)
     # the same proxies as the unbounded search: only the choice of what to confirm changed
     assert [p["proxy"] for p in d["points"]] == [p["proxy"] for p in data["points"]]
+
+
+def test_tune_cli_takes_the_confirmation_kl_bound_from_the_rule(monkeypatch, tmp_path):
+    import surgery.tuning as tuning
+
+    seen = []
+    monkeypatch.setattr(tuning, "tune", lambda *a, **k: seen.append(k["confirm_max_kl"]))
+    monkeypatch.setattr(tuning, "apply_tune", lambda *a, **k: None)
+    base = ["tune", "m", "-o", str(tmp_path / "t"), "--write", str(tmp_path / "w")]
+    for extra in (["--rule", "max refusal with over-refusal <= 0.1 and kl <= 0.25"],
+                  ["--rule", "max refusal with over-refusal <= 0.1"],
+                  ["--rule", "max refusal with kl <= 0.25", "--confirm-max-kl", "0.4"]):
+        r = CliRunner().invoke(cli, base + extra, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    assert seen == [pytest.approx(0.25), None, pytest.approx(0.4)]

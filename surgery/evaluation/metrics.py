@@ -90,7 +90,7 @@ def evaluate(lm: LoadedModel, sets: dict[str, PromptSet], reference: LoadedModel
         rate, replies, verdicts = refusal_rate(lm, list(ps.prompts), judge, max_new_tokens, batch_size)
         report["sets"][name] = {**ps.describe(), "refusal_rate": rate,
                                 "examples": [{"prompt": p, "reply": r, "refused": v}
-                                             for p, r, v in list(zip(ps.prompts, replies, verdicts))[:examples]]}  # None: all
+                                             for p, r, v in list(zip(ps.prompts, replies, verdicts))[:examples]]}
     if reference is not None and "harmless" in sets:
         harmless = list(sets["harmless"].prompts)
         cache = reference_cache if reference_cache is not None else {}

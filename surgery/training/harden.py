@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-
 from ..checkpoint import CheckpointWriter, sha256_file
 from ..errors import SurgeryError
 from ..manifest import build_manifest, update_manifest
