@@ -179,12 +179,16 @@ def rosi(model, include_embedding, **o):
               help="Gate fit: least harmless energy (ridge) or AlphaSteer's null-space projector (null).")
 @click.option("--null-ratio", type=float, default=0.5, show_default=True,
               help="Null fit: share of the input space (lowest harmless energy) the read vector may use.")
-def inject(model, post_weight, ridge, no_borderline_calibration, rank, fit, null_ratio, **o):
+@click.option("--harmful-weight", type=float, default=0.0, show_default=True,
+              help="Ridge fit: weight of the harmful prompts' covariance (an even harmful response, not just its mean).")
+@click.option("--cascade/--one-shot", default=False, show_default=True,
+              help="Fit each matrix's gate on the inputs it gets once the earlier matrices are edited (rank one).")
+def inject(model, post_weight, ridge, no_borderline_calibration, rank, fit, null_ratio, harmful_weight, cascade, **o):
     """Gated injection: read vectors fitted to fire on harmful inputs only (rank 1, or rank K with --rank)."""
     from .pipeline import inject as run
 
     _run_edit(run, model, o, post_weight=post_weight, ridge=ridge, borderline_calibration=not no_borderline_calibration,
-              rank=rank, fit=fit, null_ratio=null_ratio)
+              rank=rank, fit=fit, null_ratio=null_ratio, harmful_weight=harmful_weight, cascade=cascade)
 
 
 @main.command("eval")

@@ -204,6 +204,9 @@ class EditMethod:
     def in_memory(self, lm: LoadedModel, r_hat: torch.Tensor, alpha: float):
         raise NotImplementedError
 
+    def finalize(self, lm: LoadedModel, r_hat: torch.Tensor, alpha: float, say: Say) -> None:
+        """The strength is chosen: fix whatever depends on it before ``files`` and ``write``."""
+
     def write(self, reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, alpha: float, **kw) -> list[str]:
         raise NotImplementedError
 
@@ -247,7 +250,8 @@ class Gated(EditMethod):
     default_alphas = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0)
 
     def __init__(self, layers: Sequence[int] | None = None, post_weight: float = 10.0, ridge: float = 0.1,
-                 borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge", null_ratio: float = 0.5):
+                 borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge", null_ratio: float = 0.5,
+                 harmful_weight: float = 0.0, cascade: bool = False):
         from .edits.gated import FITS
 
         if rank < 1:
@@ -256,6 +260,14 @@ class Gated(EditMethod):
             raise SurgeryError(f"gated injection: fit must be one of {', '.join(FITS)}, got {fit!r}")
         if not 0.0 < null_ratio < 1.0:
             raise SurgeryError(f"gated injection: null ratio must be in (0, 1), got {null_ratio}")
+        if not harmful_weight >= 0.0:
+            raise SurgeryError(f"gated injection: harmful weight must be >= 0, got {harmful_weight}")
+        if cascade and rank > 1:
+            raise SurgeryError("gated injection: the cascade fit is rank one only")
+        self.harmful_weight, self.cascade = harmful_weight, cascade
+        self._calibration_prompts: tuple[list[str], list[str]] | None = None
+        self._cascade_fits: dict[float, dict[str, torch.Tensor]] = {}
+        self._names: list[str] | None = None
         self.layers, self.post_weight, self.ridge = layers, post_weight, ridge
         self.borderline_calibration = borderline_calibration
         self.rank, self.fit, self.null_ratio = rank, fit, null_ratio
@@ -281,8 +293,13 @@ class Gated(EditMethod):
             bl = prompts.load("borderline", "train")
             harmless += list(bl.prompts)
             self.calibration["borderline_train"] = bl.describe()
+        if self.cascade:
+            self._calibration_prompts = (list(ht.prompts), harmless)
+            say(f"read vectors will be fitted in cascade, per strength, on {len(ht)} harmful + {len(harmless)} "
+                "harmless training prompts")
+            return None, None
         say(f"fitting read vectors on {len(ht)} harmful + {len(harmless)} harmless training prompts")
-        stats = collect_stats(lm, list(ht.prompts), harmless, per_prompt=rank > 1)
+        stats = collect_stats(lm, list(ht.prompts), harmless, per_prompt=rank > 1 or self.harmful_weight > 0)
         targets = None
         if rank > 1:
             if self.dirs is None:
@@ -296,17 +313,39 @@ class Gated(EditMethod):
     def prepare(self, lm, prompts, say):
         from .edits.gated import fit_gates
 
+        from .edits.gated import _writer_modules
+
         stats, targets = self.calibrate(lm, prompts, say)
         keep = None if self.layers is None else set(self.layers)
-        writers = {w.name: w for w in lm.arch.residual_writers([n for n, _ in lm.model.named_parameters()], lm.model.config)}
-        names = [k for k in stats if keep is None or writers[k].layer in keep]
+        names = [w.name for w in _writer_modules(lm) if keep is None or w.layer in keep]
+        if self.cascade:
+            self._names, self._cascade_fits, self.vs = names, {}, {}
+            return
         self.vs = fit_gates(stats, self.fit, post_weight=self.post_weight, ridge=self.ridge, null_ratio=self.null_ratio,
-                            targets=targets, names=names)
+                            harmful_weight=self.harmful_weight, targets=targets, names=names)
         self.basis = None if targets is None else targets.basis.float()
+
+    def _cascade_vs(self, lm, r_hat, alpha) -> dict[str, torch.Tensor]:
+        from .edits.gated import fit_gates_cascade
+
+        key = float(alpha)
+        if key not in self._cascade_fits:
+            harmful, harmless = self._calibration_prompts
+            self._cascade_fits[key] = fit_gates_cascade(
+                lm, harmful, harmless, r_hat, alpha, self.fit, names=self._names, post_weight=self.post_weight,
+                ridge=self.ridge, null_ratio=self.null_ratio, harmful_weight=self.harmful_weight)
+        return self._cascade_fits[key]
+
+    def finalize(self, lm, r_hat, alpha, say):
+        if self.cascade:
+            self.vs = self._cascade_vs(lm, r_hat, alpha)
+            self._cascade_fits = {float(alpha): self.vs}
 
     def in_memory(self, lm, r_hat, alpha):
         from .edits.gated import gated_in_memory, gated_in_memory_k
 
+        if self.cascade:
+            return gated_in_memory(lm, r_hat, self._cascade_vs(lm, r_hat, alpha), alpha)
         if self.basis is None:
             return gated_in_memory(lm, r_hat, self.vs, alpha)
         return gated_in_memory_k(lm, self.basis, self.vs, alpha)
@@ -335,7 +374,8 @@ class Gated(EditMethod):
         if self.fit == "ridge":
             formula = ("W' = W + alpha * r_hat * v^T, v = G^-1 m_h / (m_h^T G^-1 m_h) per matrix "
                        "(G: harmless input second moment, post-instruction positions weighted; m_h: harmful mean)")
-            fit = {"fit": "ridge", "post_weight": self.post_weight, "ridge": self.ridge}
+            fit = {"fit": "ridge", "post_weight": self.post_weight, "ridge": self.ridge,
+                   "harmful_weight": self.harmful_weight}
         else:
             formula = ("W' = W + alpha * r_hat * v^T, v = P mu / (m_h^T P mu) per matrix (P: projector onto the bottom "
                        "null_ratio * d_in eigenvectors of the harmless second moment; mu = m_h - m_b)")
@@ -345,8 +385,11 @@ class Gated(EditMethod):
                        "per-prompt contrasts without r_hat], V = [the rank-one v, ridge regressions of the per-prompt "
                        "coefficients penalised by harmless energy" + (" in the null space" if self.fit == "null" else "") +
                        "] (surgery.edits.gated)")
+        if self.cascade:
+            formula += ("; fitted in cascade: each matrix's v on its inputs with every earlier matrix already "
+                        "edited at this alpha (surgery.edits.gated.fit_gates_cascade)")
         return {"layers": list(self.layers) if self.layers is not None else "all", "formula": formula, **fit,
-                "rank": self.rank, "read_vectors": "gates.safetensors",
+                "rank": self.rank, "cascade": self.cascade, "read_vectors": "gates.safetensors",
                 "borderline_calibration": self.borderline_calibration,
                 "calibration": self.calibration, "compute_dtype": "float32"}
 
@@ -409,6 +452,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
                 say(f"alpha = {alpha:g}: {why}")
             else:
                 why = "given"
+            method.finalize(lm, r_hat, alpha, say)
             params = {"alpha": alpha, "alpha_choice": why, **method.parameters(), "max_over_refusal": max_over_refusal,
                       "max_kl": max_kl, "sweep": points}
             datasets = dict(dirs.meta.get("datasets", {}))
@@ -436,9 +480,10 @@ def rosi(source: str, out: str | Path, *, layers: Sequence[int] | None = None, i
 
 def inject(source: str, out: str | Path, *, layers: Sequence[int] | None = None, post_weight: float = 10.0,
            ridge: float = 0.1, borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge",
-           null_ratio: float = 0.5, **kw) -> HardenResult:
+           null_ratio: float = 0.5, harmful_weight: float = 0.0, cascade: bool = False, **kw) -> HardenResult:
     """Gated injection (rank 1 or k) through :func:`harden`."""
-    return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration, rank, fit, null_ratio), **kw)
+    return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration, rank, fit, null_ratio,
+                                     harmful_weight, cascade), **kw)
 
 
 def test_sets(prompts: PromptConfig, whole_user_files: bool = False) -> dict[str, PromptSet]:

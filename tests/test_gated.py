@@ -108,3 +108,91 @@ def test_harmless_replies_extend_only_the_harmless_second_moment(tiny_chat):
         assert b[k].n_h == a[k].n_h and torch.allclose(b[k].sum_h, a[k].sum_h)
         assert b[k].n_b_post == a[k].n_b_post and torch.allclose(b[k].sum_b_post, a[k].sum_b_post)
         assert b[k].n_b > a[k].n_b
+
+
+def test_harmful_weight_trades_harmless_energy_for_an_even_harmful_response(tiny_chat):
+    """``harmful_weight`` adds the harmful prompts' covariance to the ridge fit's
+    G: the read vector is ``(G + w C_h)^-1 m_h`` normalised (float64 recomputation),
+    keeps a unit harmful mean, and raising w can only lower the prompt-to-prompt
+    spread of the harmful response (and only raise the harmless energy)."""
+    from surgery.edits.gated import fit_gates
+
+    lm = load_model(tiny_chat)
+    harmful = list(builtin("harmful", "train").prompts[:16])
+    harmless = list(builtin("harmless", "train").prompts[:16])
+    stats = collect_stats(lm, harmful, harmless, batch_size=8, per_prompt=True)
+    vs0 = fit_gates(stats, post_weight=10.0, ridge=0.05)
+    vs3 = fit_gates(stats, post_weight=10.0, ridge=0.05, harmful_weight=3.0)
+    for name, s in stats.items():
+        m_h = s.sum_h / s.n_h
+        xc = s.x_h - s.x_h.mean(0)
+        c = xc.T @ xc / xc.shape[0]
+        g = s.gram_b / s.n_b + 10.0 * s.gram_b_post / s.n_b_post
+        g_w = g + 3.0 * c
+        g_w = g_w + 0.05 * torch.trace(g_w) / g_w.shape[0] * torch.eye(g_w.shape[0], dtype=torch.float64)
+        ref = torch.linalg.solve(g_w, m_h)
+        ref = ref / (m_h @ ref)
+        torch.testing.assert_close(vs3[name].double(), ref, rtol=1e-4, atol=1e-6)
+        v0, v3 = vs0[name].double(), vs3[name].double()
+        assert (m_h @ v3).item() == pytest.approx(1.0, abs=1e-4)
+        assert (v3 @ c @ v3).item() <= (v0 @ c @ v0).item() * (1 + 1e-3), name
+    with pytest.raises(Exception, match="per-prompt"):
+        fit_gates(collect_stats(lm, harmful[:4], harmless[:4], batch_size=4), harmful_weight=1.0)
+
+
+@pytest.mark.parametrize("harmful_weight", [0.0, 2.0])
+def test_cascade_fit_is_the_one_shot_fit_of_the_edited_model(tiny_chat, harmful_weight):
+    """The cascade fits each matrix on the inputs it gets once every earlier matrix
+    is edited.  A matrix's input never depends on itself or on later matrices, so
+    refitting every gate one-shot on the *edited* model must give the same read
+    vectors back; and the first matrix (nothing before it) equals the plain fit."""
+    from surgery.edits.gated import _writer_modules, fit_gates, fit_gates_cascade
+
+    lm = load_model(tiny_chat)
+    harmful = list(builtin("harmful", "train").prompts[:10])
+    harmless = list(builtin("harmless", "train").prompts[:14])
+    before = {n: p.clone() for n, p in lm.model.named_parameters()}
+    torch.manual_seed(0)
+    r = torch.randn(lm.hidden_size)
+    kw = dict(post_weight=10.0, ridge=0.05, harmful_weight=harmful_weight)
+    per_prompt = harmful_weight > 0
+    vs = fit_gates_cascade(lm, harmful, harmless, r, 2.0, **kw)
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())  # restored
+    names = [w.name for w in _writer_modules(lm)]
+    assert list(vs) == names
+    plain = fit_gates(collect_stats(lm, harmful, harmless, batch_size=32, per_prompt=per_prompt), **kw)
+    first = next(n for n in names if ".0.self_attn." in n)  # runs before every other writer
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(vs[first], plain[first]) < 1e-4
+    assert rel(vs[names[-1]], plain[names[-1]]) > 1e-2  # the edits did move the later inputs
+    with gated_in_memory(lm, r, vs, 2.0):
+        refit = fit_gates(collect_stats(lm, harmful, harmless, batch_size=32, per_prompt=per_prompt), **kw)
+    for n in names:
+        assert rel(refit[n], vs[n]) < 1e-4, n
+
+
+def test_cascade_inject_writes_the_chosen_strengths_fit(tmp_path, tiny_chat):
+    from safetensors.torch import load_file
+
+    from surgery.checkpoint import CheckpointReader
+    from surgery.directions import Candidate, Directions
+    from surgery.manifest import read_manifest
+    from surgery.pipeline import PromptConfig, inject
+
+    torch.manual_seed(0)
+    dfile = Directions([Candidate("response", 1, "reply[0:4]", torch.randn(32, dtype=torch.float64))], 0, "t").save(
+        tmp_path / "d.safetensors")
+    out = tmp_path / "out"
+    inject(str(tiny_chat), out, alpha=1.5, direction_file=dfile, run_eval=False, cascade=True,
+           prompts=PromptConfig(n_train=8, n_val=4))
+    m = read_manifest(out)
+    assert m["method"]["parameters"]["cascade"] is True
+    vs = load_file(str(out / "gates.safetensors"))
+    r = Directions.load(dfile).best.vector
+    r = r / r.norm()
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(out) as b:
+        for name, v in vs.items():
+            torch.testing.assert_close(b.get(name).double() - a.get(name).double(), 1.5 * torch.outer(r, v.double()),
+                                       rtol=1e-4, atol=1e-5)
