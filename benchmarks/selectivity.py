@@ -1,5 +1,6 @@
 """Selectivity at matched harmful refusal: ROSI vs gated injection (rank 1 and
-rank k) vs trained outputs (SAILS, lora-sft) if present, in one run (issue 6).
+rank k, one-shot and cascade fits) vs trained outputs (SAILS, lora-sft) if present,
+in one run (issue 6).
 
 Comparing over-refusal at different refusal levels says little, so every
 strength-swept edit is matched first: its strength is swept on the
@@ -15,8 +16,9 @@ first-token KL on harmless prompts, perplexity ratio on the original's replies.
 The swept edits are evaluated in memory (the live model's weights patched and
 restored; ``tests/test_tune.py`` checks that the streamed checkpoint of a point
 equals its in-memory edit), so nothing is written but the JSON report.  Both
-gated rows share one calibration (``Gated.calibrate`` at rank k; the rank-1 read
-vectors come from the same statistics, as ``surgery inject`` computes them).
+one-shot gated rows share one calibration (``Gated.calibrate`` at rank k; the rank-1
+read vectors come from the same statistics); the cascade row refits per strength, as
+``surgery inject --cascade`` does.
 
     python benchmarks/selectivity.py [--model smollm2] [--direction hardened-smollm2/direction.safetensors]
         [--trained sails=runs/bench/sails,lora-sft=runs/bench/lora-sft] [--target 0.8] [--rank-k 4]
@@ -66,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rosi-alphas", type=_floats, default=None, help="ROSI strengths to sweep (default: ROSI's).")
     ap.add_argument("--gated-alphas", type=_floats, default=_floats("0.5,0.75,1,1.25,1.5,1.75,2,2.25,2.5"),
                     help="Gated strengths to sweep.")
-    ap.add_argument("--methods", default="rosi,gated,gated-k", help="Swept edits to include.")
+    ap.add_argument("--methods", default="rosi,gated,gated-cascade,gated-k",
+                    help="Swept edits to include (gated-cascade refits per strength: about 100 s each on SmolLM2).")
     ap.add_argument("--eval-tokens", type=int, default=48)
     ap.add_argument("--n-train", type=int, default=120)
     ap.add_argument("--n-val", type=int, default=40)
@@ -75,9 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="Check the arguments and print the plan; load nothing.")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("rosi", "gated", "gated-k")]
+    bad = [m for m in methods if m not in ("rosi", "gated", "gated-k", "gated-cascade")]
     if bad:
-        ap.error(f"unknown method {bad[0]!r} in --methods (use rosi, gated, gated-k)")
+        ap.error(f"unknown method {bad[0]!r} in --methods (use rosi, gated, gated-k, gated-cascade)")
     args.methods = methods
     if args.rank_k < 2:
         ap.error("--rank-k must be at least 2 (rank 1 is the gated row)")
@@ -108,6 +111,7 @@ def main(argv=None) -> None:
         return
 
     from surgery.checkpoint import resolve_model
+    from surgery.defaults import INJECT_DEFAULTS
     from surgery.directions import Directions
     from surgery.edits.gated import fit_gates
     from surgery.edits.rosi import unit
@@ -162,6 +166,12 @@ def main(argv=None) -> None:
             gk.basis = targets.basis.float()
             edits[f"gated-rank{args.rank_k}"] = (gk, args.gated_alphas)
         del stats
+    if "gated-cascade" in args.methods:
+        gc = Gated(post_weight=INJECT_DEFAULTS["post_weight"], ridge=INJECT_DEFAULTS["ridge"],
+                   harmful_weight=INJECT_DEFAULTS["harmful_weight"], cascade=True)  # `surgery inject`'s defaults
+        gc.use_direction(dirs)
+        gc.prepare(base, prompts, print)
+        edits["gated-cascade"] = (gc, args.gated_alphas)
     chosen = {}
     for name, (m, alphas) in edits.items():
         print(f"== {name}: sweep on validation {list(alphas)}", flush=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .defaults import INJECT_DEFAULTS
 from .errors import SurgeryError
 
 
@@ -168,9 +169,10 @@ def rosi(model, include_embedding, **o):
 @main.command()
 @click.argument("model")
 @edit_options
-@click.option("--post-weight", type=float, default=10.0, show_default=True,
+@click.option("--post-weight", type=float, default=INJECT_DEFAULTS["post_weight"], show_default=True,
               help="Weight of harmless post-instruction inputs in the gate fit.")
-@click.option("--ridge", type=float, default=0.1, show_default=True, help="Ridge of the gate fit (relative to the trace).")
+@click.option("--ridge", type=float, default=INJECT_DEFAULTS["ridge"], show_default=True,
+              help="Ridge of the gate fit (relative to the trace).")
 @click.option("--no-borderline-calibration", is_flag=True,
               help="Do not add the borderline training prompts to the harmless calibration set.")
 @click.option("--rank", type=click.IntRange(min=1), default=1, show_default=True,
@@ -179,10 +181,11 @@ def rosi(model, include_embedding, **o):
               help="Gate fit: least harmless energy (ridge) or AlphaSteer's null-space projector (null).")
 @click.option("--null-ratio", type=float, default=0.5, show_default=True,
               help="Null fit: share of the input space (lowest harmless energy) the read vector may use.")
-@click.option("--harmful-weight", type=float, default=0.0, show_default=True,
+@click.option("--harmful-weight", type=float, default=INJECT_DEFAULTS["harmful_weight"], show_default=True,
               help="Ridge fit: weight of the harmful prompts' covariance (an even harmful response, not just its mean).")
-@click.option("--cascade/--one-shot", default=False, show_default=True,
-              help="Fit each matrix's gate on the inputs it gets once the earlier matrices are edited (rank one).")
+@click.option("--cascade/--one-shot", default=None,
+              help="Fit each matrix's gate on the inputs it gets once the earlier matrices are edited, refitted per "
+                   "strength (default for rank one), or once on the unedited model (default for rank K).")
 def inject(model, post_weight, ridge, no_borderline_calibration, rank, fit, null_ratio, harmful_weight, cascade, **o):
     """Gated injection: read vectors fitted to fire on harmful inputs only (rank 1, or rank K with --rank)."""
     from .pipeline import inject as run

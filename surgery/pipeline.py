@@ -22,6 +22,7 @@ from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, res
                          stream_rewrite)
 from .directions import Directions, compute_directions as _compute_directions
 from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
+from .defaults import INJECT_DEFAULTS
 from .errors import PromptError, SurgeryError
 from .evaluation.metrics import evaluate, format_table, summary_row
 from .manifest import build_manifest, update_manifest, write_manifest
@@ -478,10 +479,15 @@ def rosi(source: str, out: str | Path, *, layers: Sequence[int] | None = None, i
     return harden(source, out, Rosi(layers, include_embedding), alphas=alphas, **kw)
 
 
-def inject(source: str, out: str | Path, *, layers: Sequence[int] | None = None, post_weight: float = 10.0,
-           ridge: float = 0.1, borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge",
-           null_ratio: float = 0.5, harmful_weight: float = 0.0, cascade: bool = False, **kw) -> HardenResult:
-    """Gated injection (rank 1 or k) through :func:`harden`."""
+def inject(source: str, out: str | Path, *, layers: Sequence[int] | None = None,
+           post_weight: float = INJECT_DEFAULTS["post_weight"], ridge: float = INJECT_DEFAULTS["ridge"],
+           borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge", null_ratio: float = 0.5,
+           harmful_weight: float = INJECT_DEFAULTS["harmful_weight"], cascade: bool | None = None,
+           **kw) -> HardenResult:
+    """Gated injection (rank 1 or k) through :func:`harden`; ``cascade`` None means
+    the default for the rank (on for rank one)."""
+    if cascade is None:
+        cascade = INJECT_DEFAULTS["cascade"] and rank == 1
     return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration, rank, fit, null_ratio,
                                      harmful_weight, cascade), **kw)
 

@@ -315,11 +315,12 @@ def test_inject_rank_k_writes_exact_low_rank_deltas(tmp_path, tiny_chat, calib):
 
 
 def test_inject_rank_1_is_the_rank_one_edit_byte_for_byte(tmp_path, tiny_chat, calib):
-    """--rank 1 (the default) = collect_stats + fit_read_vector_ridge + gated_update, exactly."""
+    """--rank 1 --one-shot = collect_stats + fit_read_vector_ridge + gated_update, exactly."""
     _, _, _, _, _, cand = calib
     dfile = _direction_file(tmp_path, cand)
     out = tmp_path / "out"
-    inject(str(tiny_chat), out, alpha=1.5, rank=1, direction_file=dfile, run_eval=False, prompts=SMALL)
+    inject(str(tiny_chat), out, alpha=1.5, rank=1, cascade=False, ridge=0.1, harmful_weight=0.0, direction_file=dfile,
+           run_eval=False, prompts=SMALL)
     lm = load_model(tiny_chat)
     ht, bt, _, _ = SMALL.train_val()
     harmless = list(bt.prompts) + list(SMALL.load("borderline", "train").prompts)
