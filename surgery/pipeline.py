@@ -300,7 +300,7 @@ class Gated(EditMethod):
                 "harmless training prompts")
             return None, None
         say(f"fitting read vectors on {len(ht)} harmful + {len(harmless)} harmless training prompts")
-        stats = collect_stats(lm, list(ht.prompts), harmless, per_prompt=rank > 1 or self.harmful_weight > 0)
+        stats = collect_stats(lm, list(ht.prompts), harmless, per_prompt=rank > 1 or (self.fit == "ridge" and self.harmful_weight > 0))
         targets = None
         if rank > 1:
             if self.dirs is None:
@@ -312,9 +312,7 @@ class Gated(EditMethod):
         return stats, targets
 
     def prepare(self, lm, prompts, say):
-        from .edits.gated import fit_gates
-
-        from .edits.gated import _writer_modules
+        from .edits.gated import _writer_modules, fit_gates
 
         stats, targets = self.calibrate(lm, prompts, say)
         keep = None if self.layers is None else set(self.layers)

@@ -185,13 +185,24 @@ def test_cascade_inject_writes_the_chosen_strengths_fit(tmp_path, tiny_chat):
     dfile = Directions([Candidate("response", 1, "reply[0:4]", torch.randn(32, dtype=torch.float64))], 0, "t").save(
         tmp_path / "d.safetensors")
     out = tmp_path / "out"
-    inject(str(tiny_chat), out, alpha=1.5, direction_file=dfile, run_eval=False, cascade=True,
-           prompts=PromptConfig(n_train=8, n_val=4))
+    prompts = PromptConfig(n_train=8, n_val=4)
+    inject(str(tiny_chat), out, alpha=1.5, direction_file=dfile, run_eval=False, cascade=True, prompts=prompts)
     m = read_manifest(out)
-    assert m["method"]["parameters"]["cascade"] is True
+    assert m["method"]["parameters"]["cascade"] is True and m["edited"]["count"] == 8
     vs = load_file(str(out / "gates.safetensors"))
     r = Directions.load(dfile).best.vector
     r = r / r.norm()
+    # the written read vectors are the cascade fit at the chosen strength (inject's defaults), all 8 of them
+    from surgery.defaults import INJECT_DEFAULTS
+    from surgery.edits.gated import fit_gates_cascade
+
+    ht, bt, _, _ = prompts.train_val()
+    harmless = list(bt.prompts) + list(prompts.load("borderline", "train").prompts)
+    ref = fit_gates_cascade(load_model(tiny_chat), list(ht.prompts), harmless, r, 1.5,
+                            **{k: v for k, v in INJECT_DEFAULTS.items() if k != "cascade"})
+    assert sorted(vs) == sorted(ref) and len(vs) == 8
+    for name, v in ref.items():
+        assert ((vs[name] - v).norm() / v.norm()).item() < 1e-5, name
     with CheckpointReader(tiny_chat) as a, CheckpointReader(out) as b:
         for name, v in vs.items():
             torch.testing.assert_close(b.get(name).double() - a.get(name).double(), 1.5 * torch.outer(r, v.double()),

@@ -394,3 +394,30 @@ def test_push_needs_a_token_and_a_resumable_uploader_for_large(out, hub, monkeyp
     with pytest.raises(SurgeryError, match="bad repo id"):
         push(out, "not a/valid//id")
     assert _sent(hub) == []
+
+
+@pytest.mark.parametrize("params,expect", [
+    # a current manifest: every fit parameter as recorded
+    ({"fit": "ridge", "rank": 1, "post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0, "cascade": True},
+     {"fit": "ridge", "rank": 1, "post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0, "cascade": True}),
+    # a manifest from before the harmful weight and the cascade: those were 0 and one-shot, not today's defaults
+    ({"fit": "ridge", "rank": 1, "post_weight": 30.0, "ridge": 0.1},
+     {"fit": "ridge", "rank": 1, "post_weight": 30.0, "ridge": 0.1, "harmful_weight": 0.0, "cascade": False}),
+    ({"fit": "null", "rank": 2, "null_ratio": 0.3, "cascade": False},
+     {"fit": "null", "rank": 2, "null_ratio": 0.3, "cascade": False}),
+])
+def test_rebuilt_inject_command_pins_every_fit_parameter(params, expect):
+    """Without a recorded command line the card rebuilds one from the parameters;
+    parsed by the real CLI it must give back the recorded fit, whatever today's
+    defaults are."""
+    import shlex
+
+    from surgery.release.card import _reproduce
+
+    m = {"method": {"name": "gated-injection", "parameters": {"alpha": 1.75, "layers": "all", **params}},
+         "input": {"source": "smollm2"}, "direction": {"file": "direction.safetensors"}}
+    text = "\n".join(_reproduce(m))
+    line = next(l for l in text.splitlines() if l.startswith("surgery inject"))
+    ctx = cli.commands["inject"].make_context("inject", shlex.split(line)[2:])
+    for k, v in {"alpha": 1.75, **expect}.items():
+        assert ctx.params[k] == v, (k, line)

@@ -428,7 +428,7 @@ class _Stop(Exception):
 @torch.no_grad()
 def fit_gates_cascade(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], direction: torch.Tensor,
                       alpha: float, fit: str = "ridge", *, names: Sequence[str] | None = None, post_positions: int = 5,
-                      say=None, **fit_kw) -> dict[str, torch.Tensor]:
+                      **fit_kw) -> dict[str, torch.Tensor]:
     """Read vectors fitted in order, each on the inputs its matrix receives once
     every earlier matrix is already edited at strength ``alpha`` (rank one).
 
@@ -445,14 +445,15 @@ def fit_gates_cascade(lm: LoadedModel, harmful: Sequence[str], harmless: Sequenc
     :func:`fit_gates` (``post_weight``, ``ridge``, ``null_ratio``, ``harmful_weight``)."""
     if fit not in FITS:
         raise SurgeryError(f"gate fit must be one of {', '.join(FITS)}, got {fit!r}")
-    ws = [w for w in _writer_modules(lm) if names is None or w.name in set(names)]
+    wanted = None if names is None else set(names)
+    ws = [w for w in _writer_modules(lm) if wanted is None or w.name in wanted]
     if not ws:
         raise SurgeryError("cascade gate fit: no matrix to fit")
     if not harmful or not harmless:
         raise SurgeryError("cascade gate fit needs harmful and harmless calibration prompts")
     params = dict(lm.model.named_parameters())
     r = unit(direction).to(lm.device)
-    per_prompt = fit_kw.get("harmful_weight", 0.0) > 0
+    per_prompt = fit == "ridge" and fit_kw.get("harmful_weight", 0.0) > 0  # the null fit has no harmful weight
     texts = [format_chat(lm.tokenizer, p) for p in list(harmful) + list(harmless)]
     batch = encode(lm, texts)
     nh = len(harmful)

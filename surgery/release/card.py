@@ -404,7 +404,16 @@ def _reproduce(m: dict) -> list[str]:
         if params.get("include_embedding"):
             cmd.append("--include-embedding")
         if name == "gated-injection":
-            cmd += ["--post-weight", f"{params.get('post_weight'):g}", "--ridge", f"{params.get('ridge'):g}"]
+            # every fit parameter spelled out: inject's defaults have changed between versions
+            # (manifests without harmful_weight / cascade were one-shot fits without a harmful weight)
+            fit = params.get("fit", "ridge")
+            cmd += ["--fit", fit, "--rank", str(params.get("rank", 1))]
+            if fit == "ridge":
+                cmd += ["--post-weight", f"{params.get('post_weight'):g}", "--ridge", f"{params.get('ridge'):g}",
+                        "--harmful-weight", f"{params.get('harmful_weight', 0.0):g}"]
+            else:
+                cmd += ["--null-ratio", f"{params.get('null_ratio'):g}"]
+            cmd.append("--cascade" if params.get("cascade") else "--one-shot")
             if params.get("borderline_calibration") is False:
                 cmd.append("--no-borderline-calibration")
         out += ["No command line was recorded; this one, rebuilt from the parameters above and run next to this "
