@@ -45,12 +45,18 @@ def hash_split(prompt: str) -> str:
 
 @dataclass
 class PromptConfig:
-    """Where prompts come from (any ``load_prompts`` source) and how many to use."""
+    """Where prompts come from (any ``load_prompts`` source) and how many to use.
+
+    ``n_train``: at most this many prompts of each training split (a seeded
+    subset, :meth:`PromptSet.subset`); None, the default, uses them all.  More
+    calibration data is what generalises: gates fitted on 120+200 prompts leaked a
+    quarter of their harmful response onto held-out harmless prompts
+    (docs/rosi-on-smollm2.md).  ``n_val`` caps the validation splits the same way."""
     harmful: str = "builtin:harmful"
     harmless: str = "builtin:harmless"
     borderline: str | None = "builtin:borderline"
     column: str | None = None
-    n_train: int = 120
+    n_train: int | None = None
     n_val: int = 40
 
     def load(self, which: str, split: str) -> PromptSet:
@@ -67,10 +73,17 @@ class PromptConfig:
         cats = tuple(ps.categories[i] for i in keep) if ps.categories else None
         return PromptSet.from_prompts([ps.prompts[i] for i in keep], f"{ps.source}|split={split}", cats)
 
+    def train(self, which: str) -> PromptSet:
+        """The training split of ``which``, capped at ``n_train``."""
+        ps = self.load(which, "train")
+        return ps if self.n_train is None else ps.subset(self.n_train)
+
+    def val(self, which: str) -> PromptSet:
+        """The validation split of ``which``, capped at ``n_val``."""
+        return self.load(which, "val").subset(self.n_val)
+
     def train_val(self) -> tuple[PromptSet, PromptSet, PromptSet, PromptSet]:
-        ht, bt = self.load("harmful", "train"), self.load("harmless", "train")
-        hv, bv = self.load("harmful", "val"), self.load("harmless", "val")
-        return ht.subset(self.n_train), bt.subset(self.n_train), hv.subset(self.n_val), bv.subset(self.n_val)
+        return self.train("harmful"), self.train("harmless"), self.val("harmful"), self.val("harmless")
 
 
 def _say(say: Say | None) -> Say:
@@ -291,7 +304,7 @@ class Gated(EditMethod):
         self.calibration = {"harmful_train": ht.describe(), "harmless_train": bt.describe()}
         if self.borderline_calibration and prompts.borderline:
             # prompts that only sound dangerous must not open the gate either
-            bl = prompts.load("borderline", "train")
+            bl = prompts.train("borderline")
             harmless += list(bl.prompts)
             self.calibration["borderline_train"] = bl.describe()
         if self.cascade:
@@ -439,13 +452,18 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
             method.prepare(lm, prompts, say)
             points: list[dict] = []
             if alpha is None:
-                say(f"alpha sweep on the validation split ({len(hv)} harmful, {len(bv)} harmless): {list(alphas)}")
+                blv = prompts.val("borderline") if prompts.borderline else None
+                say(f"alpha sweep on the validation split ({len(hv)} harmful, {len(bv)} harmless"
+                    f"{f', {len(blv)} borderline' if blv else ''}): {list(alphas)}; it ends past KL {max_kl}")
                 values = [0.0] + [a for a in alphas if a != 0]  # the unedited model is the sweep's first row
                 # judged on replies as long as the final evaluation's, so the budgets mean the same thing
                 points = tuning.sweep(lm, lambda a: method.in_memory(lm, r_hat, a), values, list(hv.prompts),
-                                      list(bv.prompts), max_new_tokens=eval_tokens, progress=lambda p: say(
+                                      list(bv.prompts), max_new_tokens=eval_tokens, stop_kl=max_kl,
+                                      borderline=list(blv.prompts) if blv else None, progress=lambda p: say(
                                           f"  alpha {p['value']:g}: harmful {p['harmful_refusal']:.0%}, "
-                                          f"harmless {p['harmless_refusal']:.0%}, KL {p['kl']:.3f}"))
+                                          f"harmless {p['harmless_refusal']:.0%}"
+                                          + (f", borderline {p['borderline_refusal']:.0%}" if 'borderline_refusal' in p
+                                             else "") + f", KL {p['kl']:.3f}"))
                 best, why = tuning.choose(points, max_over_refusal, max_kl)
                 alpha = best["value"]
                 say(f"alpha = {alpha:g}: {why}")
@@ -457,6 +475,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
             datasets = dict(dirs.meta.get("datasets", {}))
             if points:
                 datasets.update({"sweep_harmful_val": hv.describe(), "sweep_harmless_val": bv.describe()})
+                if blv:
+                    datasets["sweep_borderline_val"] = blv.describe()
             manifest = build_manifest(input_info=input_info(resolved, reader), method=method.name, parameters=params,
                                       datasets=datasets, direction=direction_record(dir_path, dirs))
             files = {"direction.safetensors": dir_path, "direction.safetensors.json": Path(str(dir_path) + ".json"),

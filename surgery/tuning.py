@@ -67,16 +67,26 @@ def measure(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], re
 
 def sweep(lm: LoadedModel, edit: Callable[[float], ContextManager], values: Sequence[float],
           harmful: Sequence[str], harmless: Sequence[str], judge: Judge | None = None,
-          max_new_tokens: int = 32, batch_size: int = 40, progress: Callable[[dict], None] | None = None) -> list[dict]:
+          max_new_tokens: int = 32, batch_size: int = 40, progress: Callable[[dict], None] | None = None,
+          stop_kl: float | None = None, borderline: Sequence[str] | None = None) -> list[dict]:
+    """Measure every strength in ``values`` (in order).  ``stop_kl``: end the sweep
+    after the first strength whose first-token KL exceeds it; first-token KL rose
+    with strength in every sweep measured on SmolLM2 (ROSI, one-shot and cascade
+    gates), so the strengths after it cannot be chosen under that budget, and each
+    costs a generation pass (a cascade refit too).  ``borderline``: also measure
+    over-refusal on these prompts (reported; no budget)."""
     judge = judge or MarkerJudge()
     ref = first_token_logprobs(lm, harmless)
     points = []
     for v in values:
         with edit(v):
-            pt = {"value": float(v), **measure(lm, harmful, harmless, ref, judge, max_new_tokens, batch_size)}
+            pt = {"value": float(v), **measure(lm, harmful, harmless, ref, judge, max_new_tokens, batch_size,
+                                               borderline=borderline)}
         points.append(pt)
         if progress:
             progress(pt)
+        if stop_kl is not None and pt["kl"] > stop_kl:
+            break
     return points
 
 
@@ -525,7 +535,7 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
         if dirs is not None:
             dirs.check_width(arch.hidden_size(reader.config), f"model {source}")
         ht, bt, hv, bv = prompts.train_val()  # validates the prompt sources before the model loads
-        blv = prompts.load("borderline", "val").subset(prompts.n_val) if prompts.borderline else None
+        blv = prompts.val("borderline") if prompts.borderline else None
         info = input_info(resolved, reader)
     n_grid = len(space.grid())
     say(f"search space: {len(space.alphas)} alphas x {len(space.layer_ranges)} layer ranges x "

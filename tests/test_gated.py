@@ -197,7 +197,7 @@ def test_cascade_inject_writes_the_chosen_strengths_fit(tmp_path, tiny_chat):
     from surgery.edits.gated import fit_gates_cascade
 
     ht, bt, _, _ = prompts.train_val()
-    harmless = list(bt.prompts) + list(prompts.load("borderline", "train").prompts)
+    harmless = list(bt.prompts) + list(prompts.train("borderline").prompts)
     ref = fit_gates_cascade(load_model(tiny_chat), list(ht.prompts), harmless, r, 1.5,
                             **{k: v for k, v in INJECT_DEFAULTS.items() if k != "cascade"})
     assert sorted(vs) == sorted(ref) and len(vs) == 8

@@ -18,9 +18,25 @@ from surgery.errors import PromptError, SurgeryError
 from surgery.prompts import PromptSet, builtin, format_chat, load_prompts, refusal_texts
 
 DATA = Path(sp.__file__).parent / "data"
-EXPECTED = {"harmful": (200, {"train": 120, "val": 40, "test": 40}),
-            "harmless": (200, {"train": 120, "val": 40, "test": 40}),
-            "borderline": (160, {"train": 80, "val": 40, "test": 40})}
+EXPECTED = {"harmful": (410, {"train": 330, "val": 40, "test": 40}),
+            "harmless": (400, {"train": 320, "val": 40, "test": 40}),
+            "borderline": (240, {"train": 160, "val": 40, "test": 40})}
+# Row blocks of each file (see data/README.md, "Split rule"): (start, end, split cycle).
+# The first block of harmful/harmless and the first borderline block carry val and
+# test; every later block was appended as train-only, leaving earlier rows unchanged.
+CYCLE5 = ["train"] * 3 + ["val", "test"]
+BLOCKS = {"harmful": [(0, 200, CYCLE5), (200, 410, ["train"])],
+          "harmless": [(0, 200, CYCLE5), (200, 400, ["train"])],
+          "borderline": [(0, 80, ["val", "test"]), (80, 160, ["train"]), (160, 240, ["train"])]}
+# SHA-256 of builtin(name, split).prompts for val and test, computed before the
+# train-only blocks harmful-201.., harmless-201.. and borderline-161.. were added.
+# Appending train rows must never change these.
+PINNED = {("harmful", "val"): "224ceffaa906dbcc2d7aaa21cc50ca12b99349f79e58e87fc333eb8629681b7f",
+          ("harmful", "test"): "3f63052e9cc323ece6454235227841737846be112f9e62018f9d57aa3f4cbd5a",
+          ("harmless", "val"): "5102b0431e567f479e8b340d9ef5680c40671bdde5c36e64eb398f8c0df83c80",
+          ("harmless", "test"): "cd5359fd6181ed3b06e8cda8fb2fc6a000d32bcafa74def57d7e179d5b08c961",
+          ("borderline", "val"): "b1bde513291bdcbd2c22d0376d78ebf04a28b22b524f029436f1afb35ed8b125",
+          ("borderline", "test"): "eb374aede12b83e51f2a93355adf9007be62f414e9c3fccb04c35655969cd972"}
 
 
 def rows(name):
@@ -61,32 +77,53 @@ def test_builtin_categories():
     harmful = collections.Counter(r["category"] for r in rows("harmful"))
     harmless = collections.Counter(r["category"] for r in rows("harmless"))
     borderline = collections.Counter(r["category"] for r in rows("borderline"))
-    assert len(harmful) == 14 and all(14 <= c <= 15 for c in harmful.values())
-    assert len(harmless) >= 14 and min(harmless.values()) >= 5
-    assert len(borderline) == 8 and set(borderline.values()) == {20}
+    assert len(harmful) == 14 and all(29 <= c <= 30 for c in harmful.values())
+    assert len(harmless) == 20 and set(harmless.values()) == {20}
+    assert len(borderline) == 8 and set(borderline.values()) == {30}
     by_split = collections.Counter((r["category"], r["split"]) for r in rows("borderline"))
     assert len(by_split) == 8 * 3  # every kind in every split
-    assert all(by_split[(c, "train")] == 10 and by_split[(c, "val")] == 5 and by_split[(c, "test")] == 5
+    assert all(by_split[(c, "train")] == 20 and by_split[(c, "val")] == 5 and by_split[(c, "test")] == 5
                for c in borderline)
+    # the later train-only blocks: 15 per harmful category, 10 per harmless topic and borderline kind
+    for name, start, per in [("harmful", 200, 15), ("harmless", 200, 10), ("borderline", 80, 10), ("borderline", 160, 10)]:
+        end = next(e for s, e, _ in BLOCKS[name] if s == start)
+        block = collections.Counter(r["category"] for r in rows(name)[start:end])
+        assert set(block.values()) == {per} and len(block) == len(set(r["category"] for r in rows(name))), (name, start)
 
 
 def test_split_rule_matches_readme():
     """The documented rule: group by category (file order), order by sha256 of the
-    prompt, then train/train/train/val/test cyclically.  Borderline has two blocks:
-    rows 1-80 follow the same rule with val/test, rows 81-160 (added later, all
-    train) are grouped and ordered the same way."""
-    borderline = rows("borderline")
-    for name, rs, cycle in [("harmful", rows("harmful"), ["train"] * 3 + ["val", "test"]),
-                            ("harmless", rows("harmless"), ["train"] * 3 + ["val", "test"]),
-                            ("borderline", borderline[:80], ["val", "test"]),
-                            ("borderline", borderline[80:], ["train"])]:
-        cats = list(dict.fromkeys(r["category"] for r in rs))
-        ordered = []
-        for c in cats:
-            ordered += sorted((r for r in rs if r["category"] == c),
-                              key=lambda r: hashlib.sha256(r["prompt"].encode()).hexdigest())
-        assert ordered == rs, name
-        assert [r["split"] for r in rs] == [cycle[k % len(cycle)] for k in range(len(rs))], name
+    prompt, then train/train/train/val/test cyclically.  Each file is made of
+    blocks that follow the rule on their own: harmful and harmless rows 1-200
+    (train/val/test) and rows 201-410 / 201-400 (added later, all train);
+    borderline rows 1-80 (val/test), rows 81-160 and rows 161-240 (added later,
+    all train)."""
+    for name, blocks in BLOCKS.items():
+        all_rows = rows(name)
+        file_cats = list(dict.fromkeys(r["category"] for r in all_rows))
+        assert blocks[0][0] == 0 and blocks[-1][1] == len(all_rows), name
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])), name  # contiguous, covering the file
+        for start, end, cycle in blocks:
+            rs = all_rows[start:end]
+            cats = list(dict.fromkeys(r["category"] for r in rs))
+            assert cats == file_cats, (name, start)  # same category order in every block
+            ordered = []
+            for c in cats:
+                ordered += sorted((r for r in rs if r["category"] == c),
+                                  key=lambda r: hashlib.sha256(r["prompt"].encode()).hexdigest())
+            assert ordered == rs, (name, start)
+            assert [r["split"] for r in rs] == [cycle[k % len(cycle)] for k in range(len(rs))], (name, start)
+
+
+@pytest.mark.parametrize("name,split", sorted(PINNED))
+def test_val_and_test_splits_are_pinned(name, split):
+    """Appending train-only blocks must leave the val and test prompts, their
+    order and their hashes exactly as they were."""
+    part = builtin(name, split)
+    assert part.sha256 == PINNED[(name, split)]
+    assert hashlib.sha256("\n".join(part.prompts).encode("utf-8")).hexdigest() == PINNED[(name, split)]
+    first_block_end = BLOCKS[name][0][1]  # val and test rows all live in the first block
+    assert all(int(r["id"].rsplit("-", 1)[1]) <= first_block_end for r in rows(name) if r["split"] == split)
 
 
 def test_no_duplicate_prompts_within_or_across_sets():
@@ -117,7 +154,7 @@ def test_builtin_errors():
 
 def test_builtin_missing_split(monkeypatch):
     """A built-in set without the asked split names the splits it has."""
-    assert len(builtin("borderline", "train")) == 80  # borderline has a train split now
+    assert len(builtin("borderline", "train")) == 160  # borderline has a train split now
     monkeypatch.setattr(sp, "_builtin_rows", lambda name: (("p1", "c", "val"), ("p2", "c", "test")))
     with pytest.raises(PromptError) as e:
         builtin("borderline", "train")

@@ -323,7 +323,7 @@ def test_inject_rank_1_is_the_rank_one_edit_byte_for_byte(tmp_path, tiny_chat, c
            run_eval=False, prompts=SMALL)
     lm = load_model(tiny_chat)
     ht, bt, _, _ = SMALL.train_val()
-    harmless = list(bt.prompts) + list(SMALL.load("borderline", "train").prompts)
+    harmless = list(bt.prompts) + list(SMALL.train("borderline").prompts)
     stats = collect_stats(lm, list(ht.prompts), harmless)
     r = Directions.load(dfile).best.vector  # as harden reads it: stored float32
     r = (r.double() / r.double().norm()).float()
@@ -509,3 +509,34 @@ def test_tune_cli_takes_the_confirmation_kl_bound_from_the_rule(monkeypatch, tmp
         r = CliRunner().invoke(cli, base + extra, catch_exceptions=False)
         assert r.exit_code == 0, r.output
     assert seen == [pytest.approx(0.25), None, pytest.approx(0.4)]
+
+
+def test_sweep_ends_past_the_kl_budget_and_passes_borderline(monkeypatch):
+    """The strength sweep stops after the first strength whose KL exceeds
+    ``stop_kl`` (the later ones are never measured) and hands the borderline
+    prompts to every measurement."""
+    import contextlib
+
+    import surgery.tuning as tuning
+
+    kls = {0.0: 0.0, 1.0: 0.1, 2.0: 0.35, 3.0: 0.2, 4.0: 0.9}
+    seen, edited = [], []
+    monkeypatch.setattr(tuning, "first_token_logprobs", lambda lm, prompts: None)
+
+    def fake_measure(lm, harmful, harmless, ref, judge, max_new_tokens, batch_size, borderline=None):
+        seen.append(borderline)
+        return {"harmful_refusal": 0.5, "harmless_refusal": 0.0, "kl": kls[edited[-1]],
+                **({"borderline_refusal": 0.1} if borderline else {})}
+
+    monkeypatch.setattr(tuning, "measure", fake_measure)
+
+    @contextlib.contextmanager
+    def edit(a):
+        edited.append(a)
+        yield
+
+    pts = tuning.sweep(None, edit, [0.0, 1.0, 2.0, 3.0, 4.0], ["h"], ["b"], stop_kl=0.3, borderline=["x"])
+    assert [p["value"] for p in pts] == [0.0, 1.0, 2.0] and edited == [0.0, 1.0, 2.0]
+    assert seen == [["x"]] * 3 and all(p["borderline_refusal"] == 0.1 for p in pts)
+    edited.clear()
+    assert [p["value"] for p in tuning.sweep(None, edit, [0.0, 1.0, 2.0, 3.0, 4.0], ["h"], ["b"])] == [0, 1, 2, 3, 4]

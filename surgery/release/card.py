@@ -287,10 +287,14 @@ def _what_was_done(m: dict, base: BaseModelInfo) -> list[str]:
         n_b = (ds.get("sweep_harmless_val") or {}).get("count")
         out += ["### Strength sweep (validation split)", "",
                 f"`alpha` was chosen on the validation split: {params.get('alpha_choice', 'rule not recorded')}.", ""]
+        n_l = (ds.get("sweep_borderline_val") or {}).get("count")
+        border = any("borderline_refusal" in p for p in sweep)
         rows = [[(f"**{p.get('value'):g}** (chosen)" if p.get("value") == chosen else p.get("value")),
                  _rate(p.get("harmful_refusal"), n_h), _rate(p.get("harmless_refusal"), n_b),
+                 *([_rate(p.get("borderline_refusal"), n_l)] if border else []),
                  (f"{p['kl']:.3f}" if isinstance(p.get("kl"), (int, float)) else "-")] for p in sweep]
-        out += _table(["alpha", "harmful refused", "harmless refused", "first-token KL"], rows)
+        out += _table(["alpha", "harmful refused", "harmless refused", *(["borderline refused"] if border else []),
+                       "first-token KL"], rows)
         out.append("")
     return out
 

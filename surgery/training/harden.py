@@ -104,8 +104,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
         sets = ["harmful", "harmless"] + (["borderline"] if prompts.borderline else [])
-        train_sets = {k: prompts.load(k, "train").subset(prompts.n_train) for k in sets}
-        val = {k: prompts.load(k, "val").subset(prompts.n_val) for k in sets}
+        train_sets = {k: prompts.train(k) for k in sets}
+        val = {k: prompts.val(k) for k in sets}
         harmful, keep = train_sets["harmful"], [train_sets[k] for k in sets[1:]]
         lm = load_model(resolved.folder, device=device)
         say(f"refusal data: {len(harmful)} harmful -> refusals, "
