@@ -261,7 +261,8 @@ class Gated(EditMethod):
     ``use_direction``).  ``fit``: ``ridge`` (least harmless energy, ``post_weight``,
     ``ridge``) or ``null`` (AlphaSteer's null-space projector, ``null_ratio``)."""
     name = "gated-injection"
-    default_alphas = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0)
+    # the sweep ends past the KL budget (tuning.sweep), so the strong end costs nothing once it is out of reach
+    default_alphas = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0)
 
     def __init__(self, layers: Sequence[int] | None = None, post_weight: float = 10.0, ridge: float = 0.1,
                  borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge", null_ratio: float = 0.5,
