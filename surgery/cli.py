@@ -437,6 +437,11 @@ def train_options(f):
                      help="Early-stopping budget: harmless refusal on the validation split."),
         click.option("--max-kl", type=float, default=0.3, show_default=True,
                      help="Early-stopping budget: first-token KL on harmless validation prompts."),
+        click.option("--refusal-tolerance", type=float, default=0.0, show_default=True,
+                     help="Keeping the validation point: one within this much harmful refusal of the best so far "
+                          "replaces it when it over-refuses less (harmless + borderline); 0: most refusal wins."),
+        click.option("--patience", type=int, default=2, show_default=True,
+                     help="Stop after this many validations without a better point."),
         click.option("--reply-tokens", type=int, default=40, show_default=True,
                      help="Length of the model's own replies used as kept behaviour."),
         click.option("--trajectory-tokens", type=int, default=2, show_default=True,
@@ -462,7 +467,8 @@ def _run_train(method, model, o, default_lr):
 
     cfg = TrainConfig(epochs=o["epochs"], lr=o["lr"] or default_lr, batch_size=o["batch_size"], seed=o["seed"],
                       kl_weight=o["kl_weight"], first_token_weight=o["first_token_weight"], divergence=o["divergence"],
-                      max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"])
+                      max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"],
+                      refusal_tolerance=o["refusal_tolerance"], patience=o["patience"])
     train_harden(model, o["out"], method, config=cfg,
                  prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),
                  reply_tokens=o["reply_tokens"], own_refusals=not o["no_own_refusals"],

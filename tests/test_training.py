@@ -253,3 +253,29 @@ def test_unit_mask_keeps_updates_in_the_allowed_units(tmp_path, tiny_chat):
             n_allowed += int(allowed.sum())
             n_total += allowed.numel()
     assert 0 < n_allowed < n_total  # the mask is neither empty nor everything
+
+
+def test_refusal_tolerance_rule_on_the_smollm2_validation_history():
+    """The kept-point rule on the validation history SAILS gave on SmolLM2
+    (docs/training.md): most refusal wins by default (step 162); with a tolerance
+    of 0.05 the later point one prompt lower but over-refusing less replaces it
+    (step 324); points outside the budgets never count."""
+    from surgery.training.trainer import _better
+
+    hist = [dict(step=81, harmful_refusal=0.8, harmless_refusal=0.05, borderline_refusal=0.15, kl=0.134),
+            dict(step=162, harmful_refusal=0.975, harmless_refusal=0.075, borderline_refusal=0.225, kl=0.120),
+            dict(step=243, harmful_refusal=0.85, harmless_refusal=0.05, borderline_refusal=0.125, kl=0.102),
+            dict(step=324, harmful_refusal=0.95, harmless_refusal=0.05, borderline_refusal=0.10, kl=0.050),
+            dict(step=405, harmful_refusal=1.0, harmless_refusal=0.15, borderline_refusal=0.0, kl=0.05)]
+
+    def kept(**kw):
+        cfg, best = TrainConfig(**kw), None
+        for p in hist:
+            if _better(p, best, cfg):
+                best = p
+        return best["step"]
+
+    assert kept() == 162
+    assert kept(refusal_tolerance=0.05) == 324
+    assert kept(refusal_tolerance=0.01) == 162  # one prompt of 40 is outside a 0.01 tolerance
+    assert kept(refusal_tolerance=0.04, max_over_refusal=0.2) == 405  # outside the tolerance more refusal wins

@@ -52,6 +52,10 @@ class TrainConfig:
     max_kl: float = 0.3
     target_refusal: float = 1.0
     patience: int = 2
+    # 0: keep the validation point with the most harmful refusal within the budgets.  > 0: a point
+    # whose harmful refusal is within this much of the kept one's replaces it when it over-refuses
+    # less (harmless + borderline); one prompt of 40 is 0.025
+    refusal_tolerance: float = 0.0
 
     def describe(self) -> dict:
         return asdict(self)
@@ -169,6 +173,14 @@ def _better(p: dict, best: dict | None, cfg: TrainConfig) -> bool:
         return False
     if best is None:
         return True
+    if cfg.refusal_tolerance > 0:
+        gain = p["harmful_refusal"] - best["harmful_refusal"]
+        if abs(gain) > cfg.refusal_tolerance:
+            return gain > 0
+        over = p["harmless_refusal"] + p.get("borderline_refusal", 0.0)
+        best_over = best["harmless_refusal"] + best.get("borderline_refusal", 0.0)
+        if over != best_over:
+            return over < best_over
     return (p["harmful_refusal"], -p["harmless_refusal"], -p.get("borderline_refusal", 0.0)) > \
         (best["harmful_refusal"], -best["harmless_refusal"], -best.get("borderline_refusal", 0.0))
 
