@@ -33,8 +33,8 @@ from surgery import tuning
 from surgery.activations import encode
 from surgery.defaults import INJECT_DEFAULTS
 from surgery.directions import Directions
-from surgery.edits.gated import (_accumulate, _empty_stats, _finish, _Stop, fit_gates_cascade,
-                                 fit_read_vector_ridge, gated_in_memory)
+from surgery.edits.gated import (_accumulate, _empty_stats, _finish, fit_gates_cascade, fit_read_vector_ridge,
+                                 forward_until, gated_in_memory)
 from surgery.edits.rosi import unit
 from surgery.evaluation.judges import MarkerJudge
 from surgery.evaluation.metrics import first_token_logprobs
@@ -65,17 +65,8 @@ def neuron_gates(lm, batch, nh: int, r: torch.Tensor, alpha: float, c: float, fi
         dn[:, j] = alpha * r / F.silu(torch.tensor(c)).item()
 
     layers = lm.layers()
-    handles = [layer.mlp.register_forward_pre_hook(hook) for layer in layers]
-    handles.append(layers[len(layers) - 1].register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop())))
-    try:
-        with torch.no_grad():
-            try:
-                lm.model(**batch, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        forward_until(lm, batch, len(layers) - 1, [layer.mlp.register_forward_pre_hook(hook) for layer in layers])
     try:
         yield
     finally:

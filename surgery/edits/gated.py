@@ -425,6 +425,22 @@ class _Stop(Exception):
     """Ends a calibration forward pass after the last layer that needs it."""
 
 
+def forward_until(lm: LoadedModel, batch: dict, last: int, hooks: Sequence) -> None:
+    """One forward pass of ``batch`` that ends after decoder layer ``last``, with the
+    hook ``handles`` in place; they are removed afterwards, whatever happens."""
+    def stop(mod, args, out):
+        raise _Stop
+
+    handles = list(hooks) + [lm.layers()[last].register_forward_hook(stop)]
+    try:
+        lm.model(**batch, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def fit_gates_cascade(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], direction: torch.Tensor,
                       alpha: float, fit: str = "ridge", *, names: Sequence[str] | None = None, post_positions: int = 5,
@@ -474,19 +490,10 @@ def fit_gates_cascade(lm: LoadedModel, harmful: Sequence[str], harmless: Sequenc
             vs[w.name] = v.cpu()
         return hook
 
-    def stop(mod, args, out):
-        raise _Stop
-
-    last = max(w.layer for w in ws)
     handles = [get_submodule(lm.model, w.name.rsplit(".", 1)[0]).register_forward_pre_hook(hook_for(w)) for w in ws]
-    handles.append(lm.layers()[last].register_forward_hook(stop))
     try:
-        lm.model(**batch, use_cache=False)
-    except _Stop:
-        pass
+        forward_until(lm, batch, max(w.layer for w in ws), handles)
     finally:
-        for h in handles:
-            h.remove()
         for name, t in saved.items():
             params[name].data.copy_(t)
     missing = [w.name for w in ws if w.name not in vs]
