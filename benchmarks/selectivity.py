@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--methods", default="rosi,gated,gated-cascade,gated-k",
                     help="Swept edits to include (gated-cascade refits per strength: about 100 s each on SmolLM2).")
     ap.add_argument("--eval-tokens", type=int, default=48)
-    ap.add_argument("--n-train", type=int, default=120)
+    ap.add_argument("--n-train", type=int, default=None, help="At most N training prompts a set (default: all, as the commands use).")
     ap.add_argument("--n-val", type=int, default=40)
     ap.add_argument("--limit", type=int, default=None, help="At most N test prompts per set.")
     ap.add_argument("--out", type=Path, default=Path("runs/selectivity.json"))
