@@ -442,6 +442,9 @@ def train_options(f):
                           "replaces it when it over-refuses less (harmless + borderline); 0: most refusal wins."),
         click.option("--patience", type=int, default=2, show_default=True,
                      help="Stop after this many validations without a better point."),
+        click.option("--max-steps", type=int, default=None,
+                     help="Stop after this many steps (validating there); the learning-rate schedule still spans "
+                          "--epochs."),
         click.option("--reply-tokens", type=int, default=40, show_default=True,
                      help="Length of the model's own replies used as kept behaviour."),
         click.option("--trajectory-tokens", type=int, default=2, show_default=True,
@@ -468,7 +471,7 @@ def _run_train(method, model, o, default_lr):
     cfg = TrainConfig(epochs=o["epochs"], lr=o["lr"] or default_lr, batch_size=o["batch_size"], seed=o["seed"],
                       kl_weight=o["kl_weight"], first_token_weight=o["first_token_weight"], divergence=o["divergence"],
                       max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"],
-                      refusal_tolerance=o["refusal_tolerance"], patience=o["patience"])
+                      refusal_tolerance=o["refusal_tolerance"], patience=o["patience"], max_steps=o["max_steps"])
     train_harden(model, o["out"], method, config=cfg,
                  prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),
                  reply_tokens=o["reply_tokens"], own_refusals=not o["no_own_refusals"],

@@ -279,3 +279,22 @@ def test_refusal_tolerance_rule_on_the_smollm2_validation_history():
     assert kept(refusal_tolerance=0.05) == 324
     assert kept(refusal_tolerance=0.01) == 162  # one prompt of 40 is outside a 0.01 tolerance
     assert kept(refusal_tolerance=0.04, max_over_refusal=0.2) == 405  # outside the tolerance more refusal wins
+
+
+def test_max_steps_stops_on_the_same_trajectory(tiny_chat):
+    """A run stopped by --max-steps validates at its last step and follows the
+    unstopped run's trajectory (same losses: the schedule still spans every epoch)."""
+    lm = load_model(tiny_chat)
+    data = _data(lm)
+    val = {"harmful": list(builtin("harmful", "val").subset(2).prompts),
+           "harmless": list(builtin("harmless", "val").subset(2).prompts)}
+    runs = []
+    for max_steps in (None, 3):
+        pm, _ = attach(lm, LoraSpec(rank=2), seed=0)
+        runs.append(train(lm, pm, data, val, _cfg(epochs=2, patience=99, eval_every=100, max_steps=max_steps),
+                          progress=False))
+        pm.unload()
+    full, cut = runs
+    assert full.steps > 3 and cut.steps == 3 and "step budget 3" in cut.stopped
+    assert [p["step"] for p in cut.history] == [3]
+    assert cut.losses == full.losses[:3]

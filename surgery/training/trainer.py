@@ -56,6 +56,9 @@ class TrainConfig:
     # whose harmful refusal is within this much of the kept one's replaces it when it over-refuses
     # less (harmless + borderline); one prompt of 40 is 0.025
     refusal_tolerance: float = 0.0
+    # stop after this many steps (validating there); the learning-rate schedule still spans every epoch,
+    # so a run stopped at step n is the same as an unstopped run up to step n
+    max_steps: int | None = None
 
     def describe(self) -> dict:
         return asdict(self)
@@ -265,10 +268,15 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
-                if step % eval_every == 0 or step == total:
+                budget = cfg.max_steps is not None and step >= cfg.max_steps
+                if step % eval_every == 0 or step == total or budget:
                     if validate(step):
                         stop = True
                         break
+                if budget:
+                    res.stopped = f"step budget {cfg.max_steps} reached"
+                    stop = True
+                    break
             if stop:
                 break
         if not res.stopped:
