@@ -33,8 +33,7 @@ from surgery import tuning
 from surgery.activations import encode
 from surgery.defaults import INJECT_DEFAULTS
 from surgery.directions import Directions
-from surgery.edits.gated import (_accumulate, _empty_stats, _finish, fit_gates_cascade, fit_read_vector_ridge,
-                                 forward_until, gated_in_memory)
+from surgery.edits.gated import batch_stats, fit_gates_cascade, fit_read_vector_ridge, forward_until, gated_in_memory
 from surgery.edits.rosi import unit
 from surgery.evaluation.judges import MarkerJudge
 from surgery.evaluation.metrics import first_token_logprobs
@@ -51,10 +50,8 @@ def neuron_gates(lm, batch, nh: int, r: torch.Tensor, alpha: float, c: float, fi
 
     def hook(mod, args):
         x = args[0]
-        acc = _empty_stats(fit["harmful_weight"] > 0)
-        _accumulate(acc, "harmful", x[:nh].double(), mask[:nh], post_positions)
-        _accumulate(acc, "harmless", x[nh:].double(), mask[nh:], post_positions)
-        u = fit_read_vector_ridge(_finish(acc), fit["post_weight"], fit["ridge"], fit["harmful_weight"]).float()
+        stats = batch_stats(x, mask, nh, post_positions, per_prompt=fit["harmful_weight"] > 0)
+        u = fit_read_vector_ridge(stats, fit["post_weight"], fit["ridge"], fit["harmful_weight"]).float()
         a = mod.act_fn(mod.gate_proj(x)) * mod.up_proj(x)
         m = mask.unsqueeze(-1).to(a.dtype)
         j = int((((a.abs() * m).sum((0, 1)) / m.sum()) * mod.down_proj.weight.norm(dim=0)).argmin())

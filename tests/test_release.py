@@ -421,3 +421,23 @@ def test_rebuilt_inject_command_pins_every_fit_parameter(params, expect):
     ctx = cli.commands["inject"].make_context("inject", shlex.split(line)[2:])
     for k, v in {"alpha": 1.75, **expect}.items():
         assert ctx.params[k] == v, (k, line)
+
+
+def test_card_sweep_table_shows_borderline_when_measured(out):
+    """A sweep that measured borderline over-refusal gets its own column, with
+    the counts of the borderline validation set; one that did not keeps four columns."""
+    from surgery.release.card import build_card
+
+    m = read_manifest(out)
+    sweep = [{"value": 0.0, "harmful_refusal": 0.025, "harmless_refusal": 0.0, "borderline_refusal": 0.0, "kl": 0.0},
+             {"value": 4.0, "harmful_refusal": 0.5, "harmless_refusal": 0.1, "borderline_refusal": 0.25, "kl": 0.2}]
+    m["method"]["parameters"].update(sweep=sweep, alpha=4.0)
+    m["datasets"].update({"sweep_harmful_val": {"count": 40}, "sweep_harmless_val": {"count": 40},
+                          "sweep_borderline_val": {"count": 20}})
+    text = build_card(m)[0].text
+    assert "| alpha | harmful refused | harmless refused | borderline refused | first-token KL |" in text
+    assert _row(text, "**4** (chosen)") == ["**4** (chosen)", _rate(0.5, 40), _rate(0.1, 40), _rate(0.25, 20), "0.200"]
+    for p in sweep:
+        del p["borderline_refusal"]
+    text = build_card(m)[0].text
+    assert "| alpha | harmful refused | harmless refused | first-token KL |" in text

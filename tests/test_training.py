@@ -298,3 +298,14 @@ def test_max_steps_stops_on_the_same_trajectory(tiny_chat):
     assert full.steps > 3 and cut.steps == 3 and "step budget 3" in cut.stopped
     assert [p["step"] for p in cut.history] == [3]
     assert cut.losses == full.losses[:3]
+
+
+@pytest.mark.parametrize("args,name", [(["--max-steps", "0"], "--max-steps"), (["--patience", "0"], "--patience"),
+                                       (["--refusal-tolerance", "-0.1"], "--refusal-tolerance")])
+def test_trainer_options_refuse_bad_values_before_loading(tmp_path, args, name):
+    from click.testing import CliRunner
+
+    from surgery.cli import main as cli
+
+    res = CliRunner().invoke(cli, ["lora-sft", str(tmp_path / "missing"), "-o", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2 and name in res.output and not (tmp_path / "o").exists()

@@ -133,6 +133,16 @@ def _finish(s: dict) -> GateStats:
     return GateStats(**s)
 
 
+def batch_stats(x: torch.Tensor, mask: torch.Tensor, n_harmful: int, post_positions: int = 5,
+                per_prompt: bool = False) -> GateStats:
+    """Gate statistics of one matrix's inputs ``x`` (b, n, d_in) for a batch whose
+    first ``n_harmful`` rows are harmful prompts and the rest harmless (float64)."""
+    acc = _empty_stats(per_prompt)
+    _accumulate(acc, "harmful", x[:n_harmful].double(), mask[:n_harmful], post_positions)
+    _accumulate(acc, "harmless", x[n_harmful:].double(), mask[n_harmful:], post_positions)
+    return _finish(acc)
+
+
 @torch.no_grad()
 def collect_stats(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], post_positions: int = 5,
                   batch_size: int = 16, harmless_replies: Sequence[str] | None = None,
@@ -425,13 +435,13 @@ class _Stop(Exception):
     """Ends a calibration forward pass after the last layer that needs it."""
 
 
-def forward_until(lm: LoadedModel, batch: dict, last: int, hooks: Sequence) -> None:
+def forward_until(lm: LoadedModel, batch: dict, last: int, handles: Sequence) -> None:
     """One forward pass of ``batch`` that ends after decoder layer ``last``, with the
-    hook ``handles`` in place; they are removed afterwards, whatever happens."""
+    hooks of ``handles`` in place; they are removed afterwards, whatever happens."""
     def stop(mod, args, out):
         raise _Stop
 
-    handles = list(hooks) + [lm.layers()[last].register_forward_hook(stop)]
+    handles = list(handles) + [lm.layers()[last].register_forward_hook(stop)]
     try:
         lm.model(**batch, use_cache=False)
     except _Stop:
@@ -479,11 +489,8 @@ def fit_gates_cascade(lm: LoadedModel, harmful: Sequence[str], harmless: Sequenc
 
     def hook_for(w):
         def hook(mod, args):
-            x = args[0].double()
-            acc = _empty_stats(per_prompt)
-            _accumulate(acc, "harmful", x[:nh], mask[:nh], post_positions)
-            _accumulate(acc, "harmless", x[nh:], mask[nh:], post_positions)
-            v = fit_gates({w.name: _finish(acc)}, fit, **fit_kw)[w.name]
+            stats = batch_stats(args[0], mask, nh, post_positions, per_prompt)
+            v = fit_gates({w.name: stats}, fit, **fit_kw)[w.name]
             p = params[w.name]
             saved[w.name] = p.data.clone()
             p.data.copy_(gated_update(w, p.data, r, v.to(p.device), alpha))
