@@ -437,7 +437,7 @@ def train_options(f):
                      help="Early-stopping budget: harmless refusal on the validation split."),
         click.option("--max-kl", type=float, default=0.3, show_default=True,
                      help="Early-stopping budget: first-token KL on harmless validation prompts."),
-        click.option("--refusal-tolerance", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+        click.option("--refusal-tolerance", type=click.FloatRange(min=0.0), default=0.05, show_default=True,
                      help="Keeping the validation point: one within this much harmful refusal of the best so far "
                           "replaces it when it over-refuses less (harmless + borderline); 0: most refusal wins."),
         click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,

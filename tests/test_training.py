@@ -257,9 +257,9 @@ def test_unit_mask_keeps_updates_in_the_allowed_units(tmp_path, tiny_chat):
 
 def test_refusal_tolerance_rule_on_the_smollm2_validation_history():
     """The kept-point rule on the validation history SAILS gave on SmolLM2
-    (docs/training.md): most refusal wins by default (step 162); with a tolerance
-    of 0.05 the later point one prompt lower but over-refusing less replaces it
-    (step 324); points outside the budgets never count."""
+    (docs/training.md): with no tolerance most refusal wins (step 162); with the
+    default tolerance of 0.05 the later point one prompt lower but over-refusing
+    less replaces it (step 324); points outside the budgets never count."""
     from surgery.training.trainer import _better
 
     hist = [dict(step=81, harmful_refusal=0.8, harmless_refusal=0.05, borderline_refusal=0.15, kl=0.134),
@@ -275,8 +275,9 @@ def test_refusal_tolerance_rule_on_the_smollm2_validation_history():
                 best = p
         return best["step"]
 
-    assert kept() == 162
-    assert kept(refusal_tolerance=0.05) == 324
+    assert TrainConfig().refusal_tolerance == 0.05
+    assert kept() == 324
+    assert kept(refusal_tolerance=0.0) == 162
     assert kept(refusal_tolerance=0.01) == 162  # one prompt of 40 is outside a 0.01 tolerance
     assert kept(refusal_tolerance=0.04, max_over_refusal=0.2) == 405  # outside the tolerance more refusal wins
 

@@ -54,8 +54,8 @@ class TrainConfig:
     patience: int = 2
     # 0: keep the validation point with the most harmful refusal within the budgets.  > 0: a point
     # whose harmful refusal is within this much of the kept one's replaces it when it over-refuses
-    # less (harmless + borderline); one prompt of 40 is 0.025
-    refusal_tolerance: float = 0.0
+    # less (harmless + borderline); one prompt of 40 is 0.025, so the default forgives two prompts
+    refusal_tolerance: float = 0.05
     # stop after this many steps (validating there); the learning-rate schedule still spans every epoch,
     # so a run stopped at step n is the same as an unstopped run up to step n
     max_steps: int | None = None
