@@ -256,19 +256,22 @@ def test_unit_mask_keeps_updates_in_the_allowed_units(tmp_path, tiny_chat):
 
 
 def test_refusal_tolerance_rule_on_the_smollm2_validation_history():
-    """The kept-point rule on the validation history SAILS gave on SmolLM2
-    (docs/training.md): with no tolerance most refusal wins (step 162); with the
-    default tolerance of 0.05 the later point one prompt lower but over-refusing
-    less replaces it (step 324); points outside the budgets never count."""
+    """The kept-point rule on the validation history of `surgery sails smollm2`
+    with defaults (docs/training.md): with no tolerance most refusal wins (step
+    162); with the default tolerance of 0.05 the later point one prompt lower but
+    over-refusing less replaces it (step 324), and steps 405/486, one prompt
+    higher but over-refusing more, do not; points outside the budgets never count."""
     from surgery.training.trainer import _better
 
-    hist = [dict(step=81, harmful_refusal=0.8, harmless_refusal=0.05, borderline_refusal=0.15, kl=0.134),
+    real = [dict(step=81, harmful_refusal=0.8, harmless_refusal=0.05, borderline_refusal=0.15, kl=0.134),
             dict(step=162, harmful_refusal=0.975, harmless_refusal=0.075, borderline_refusal=0.225, kl=0.120),
             dict(step=243, harmful_refusal=0.85, harmless_refusal=0.05, borderline_refusal=0.125, kl=0.102),
             dict(step=324, harmful_refusal=0.95, harmless_refusal=0.05, borderline_refusal=0.10, kl=0.050),
-            dict(step=405, harmful_refusal=1.0, harmless_refusal=0.15, borderline_refusal=0.0, kl=0.05)]
+            dict(step=405, harmful_refusal=0.975, harmless_refusal=0.075, borderline_refusal=0.125, kl=0.042),
+            dict(step=486, harmful_refusal=0.975, harmless_refusal=0.075, borderline_refusal=0.125, kl=0.042)]
+    over_budget = dict(step=567, harmful_refusal=1.0, harmless_refusal=0.15, borderline_refusal=0.0, kl=0.05)
 
-    def kept(**kw):
+    def kept(hist, **kw):
         cfg, best = TrainConfig(**kw), None
         for p in hist:
             if _better(p, best, cfg):
@@ -276,10 +279,12 @@ def test_refusal_tolerance_rule_on_the_smollm2_validation_history():
         return best["step"]
 
     assert TrainConfig().refusal_tolerance == 0.05
-    assert kept() == 324
-    assert kept(refusal_tolerance=0.0) == 162
-    assert kept(refusal_tolerance=0.01) == 162  # one prompt of 40 is outside a 0.01 tolerance
-    assert kept(refusal_tolerance=0.04, max_over_refusal=0.2) == 405  # outside the tolerance more refusal wins
+    assert kept(real) == 324
+    assert kept(real[:4], refusal_tolerance=0.0) == 162  # where the run without tolerance stopped (patience 2)
+    assert kept(real, refusal_tolerance=0.0) == 405  # same refusal as 162, less borderline
+    assert kept(real[:4], refusal_tolerance=0.01) == 162  # one prompt of 40 is outside a 0.01 tolerance
+    assert kept(real + [over_budget]) == 324  # harmless 15% is over the 10% budget
+    assert kept(real[:4] + [over_budget], refusal_tolerance=0.04, max_over_refusal=0.2) == 567  # outside the tolerance more refusal wins
 
 
 def test_max_steps_stops_on_the_same_trajectory(tiny_chat):
