@@ -285,6 +285,11 @@ def test_refusal_tolerance_rule_on_the_smollm2_validation_history():
     assert kept(real[:4], refusal_tolerance=0.01) == 162  # one prompt of 40 is outside a 0.01 tolerance
     assert kept(real + [over_budget]) == 324  # harmless 15% is over the 10% budget
     assert kept(real[:4] + [over_budget], refusal_tolerance=0.04, max_over_refusal=0.2) == 567  # outside the tolerance more refusal wins
+    # the tolerance is inclusive despite float rounding: 0.75 - 0.8 is -0.050000000000000044
+    lora = [dict(step=81, harmful_refusal=0.8, harmless_refusal=0.075, borderline_refusal=0.2, kl=0.051),
+            dict(step=162, harmful_refusal=0.75, harmless_refusal=0.025, borderline_refusal=0.025, kl=0.024)]
+    assert kept(lora) == 162
+    assert kept(lora, refusal_tolerance=0.049) == 81
 
 
 def test_max_steps_stops_on_the_same_trajectory(tiny_chat):

@@ -178,7 +178,7 @@ def _better(p: dict, best: dict | None, cfg: TrainConfig) -> bool:
         return True
     if cfg.refusal_tolerance > 0:
         gain = p["harmful_refusal"] - best["harmful_refusal"]
-        if abs(gain) > cfg.refusal_tolerance:
+        if abs(gain) > cfg.refusal_tolerance + 1e-9:  # rates are k/n: 0.75 - 0.8 must be within 0.05
             return gain > 0
         over = p["harmless_refusal"] + p.get("borderline_refusal", 0.0)
         best_over = best["harmless_refusal"] + best.get("borderline_refusal", 0.0)
