@@ -290,6 +290,26 @@ def test_refusal_tolerance_rule_on_the_smollm2_validation_history():
             dict(step=162, harmful_refusal=0.75, harmless_refusal=0.025, borderline_refusal=0.025, kl=0.024)]
     assert kept(lora) == 162
     assert kept(lora, refusal_tolerance=0.049) == 81
+    # equal over-refusal counts compare equal (0.05 + 0.1 != 0.075 + 0.075 in floats): the tie goes to
+    # less harmless refusal
+    tie = [dict(step=1, harmful_refusal=0.9, harmless_refusal=0.075, borderline_refusal=0.075, kl=0.1),
+           dict(step=2, harmful_refusal=0.9, harmless_refusal=0.05, borderline_refusal=0.1, kl=0.1)]
+    assert kept(tie) == 2
+
+
+def test_trainer_cli_defaults_are_the_train_config_defaults():
+    """The command line and ``TrainConfig`` name the same defaults (the CLI keeps its
+    own copy so ``surgery --help`` does not import torch); the learning rate is per method."""
+    from dataclasses import fields
+
+    from surgery.cli import main as cli
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for verb in ("lora-sft", "sails"):
+        shared = [p for p in cli.commands[verb].params if p.name in defaults and p.name != "lr"]
+        assert len(shared) >= 10, verb
+        for p in shared:
+            assert p.default == defaults[p.name], (verb, p.name, p.default, defaults[p.name])
 
 
 def test_max_steps_stops_on_the_same_trajectory(tiny_chat):

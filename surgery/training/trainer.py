@@ -170,6 +170,9 @@ def _loss(pm, b: dict, kl_weight: float, first: float = 1.0, kind: str = "symmet
     return total, parts
 
 
+_RATE_EPS = 1e-9
+
+
 def _better(p: dict, best: dict | None, cfg: TrainConfig) -> bool:
     ok = p["harmless_refusal"] <= cfg.max_over_refusal and p["kl"] <= cfg.max_kl
     if not ok:
@@ -177,12 +180,14 @@ def _better(p: dict, best: dict | None, cfg: TrainConfig) -> bool:
     if best is None:
         return True
     if cfg.refusal_tolerance > 0:
+        # rates are k/n, so differences carry float rounding (0.75 - 0.8 = -0.050000000000000044,
+        # 0.05 + 0.1 != 0.075 + 0.075): compare them to within _RATE_EPS
         gain = p["harmful_refusal"] - best["harmful_refusal"]
-        if abs(gain) > cfg.refusal_tolerance + 1e-9:  # rates are k/n: 0.75 - 0.8 must be within 0.05
+        if abs(gain) > cfg.refusal_tolerance + _RATE_EPS:
             return gain > 0
         over = p["harmless_refusal"] + p.get("borderline_refusal", 0.0)
         best_over = best["harmless_refusal"] + best.get("borderline_refusal", 0.0)
-        if over != best_over:
+        if abs(over - best_over) > _RATE_EPS:
             return over < best_over
     return (p["harmful_refusal"], -p["harmless_refusal"], -p.get("borderline_refusal", 0.0)) > \
         (best["harmful_refusal"], -best["harmless_refusal"], -best.get("borderline_refusal", 0.0))
