@@ -4,7 +4,9 @@ Each method hardens SmolLM2-135M-Instruct with its defaults (same refusal data,
 same seed) into ``--work/<method>``; then every output is evaluated against the
 original on the project's held-out test split with the same judge and reply
 length: harmful refusal, harmless and borderline over-refusal, first-token KL,
-perplexity ratio on the original's replies, trainable parameters, wall time.
+perplexity ratio on the original's replies, trainable parameters, training seconds (what the
+trainer recorded in the manifest, so reused and rebuilt outputs compare alike) and the wall time of
+the outputs built in this run.
 
     python benchmarks/hardening_methods.py [--work runs/bench] [--methods sails,lora-sft,rosi]
         [--lora-rank R] [--reuse]
@@ -22,6 +24,11 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+
+def _times(info: dict) -> dict:
+    """Training seconds (from the manifest) and this run's wall time, when there are any."""
+    return {k: int(round(info[k])) if info[k] else None for k in ("train_s", "wall_s")}
 
 
 def main() -> None:
@@ -77,8 +84,7 @@ def main() -> None:
 
             with CheckpointReader(out) as r:
                 per_rank = sum(sum(r.shape(mod + ".weight")) for mod in p["modules"])
-        # wall time of this run when built here, else the training time the manifest records
-        info[m] = {"out": out, "wall_s": wall if wall is not None else (p.get("result") or {}).get("seconds"),
+        info[m] = {"out": out, "wall_s": wall, "train_s": (p.get("result") or {}).get("seconds"),
                    "trainable": trainable,
                    "per_rank": per_rank}
 
@@ -91,7 +97,7 @@ def main() -> None:
             rows.setdefault("original", summary_row(ev["before"]))
             row = summary_row(ev["after"])
             row["trainable_params"] = info[m]["trainable"]
-            row["wall_s"] = int(round(info[m]["wall_s"])) if info[m]["wall_s"] else None
+            row.update(_times(info[m]))
             rows[m] = row
         print("\n" + format_table(rows))
         (args.work / "results.json").write_text(json.dumps(rows, indent=2))
@@ -106,7 +112,7 @@ def main() -> None:
         lm = load_model(info[m]["out"])
         row = summary_row(evaluate(lm, sets, reference=base, max_new_tokens=args.eval_tokens, reference_cache=cache))
         row["trainable_params"] = info[m]["trainable"]
-        row["wall_s"] = int(round(info[m]["wall_s"])) if info[m]["wall_s"] else None
+        row.update(_times(info[m]))
         rows[m] = row
         del lm
     print("\n" + format_table(rows))
