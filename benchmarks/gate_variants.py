@@ -9,7 +9,9 @@ calibration prompts) gets gate row ``c u``, up row ``u`` and down column
 cascade (each MLP fitted with the earlier ones already edited), so the layer adds
 ``alpha silu(c u.x)(u.x)/silu(c) r_hat``.  Llama-style MLPs (``gate_proj``/``up_proj``/
 ``down_proj``) only; measured on SmolLM2 it over-refused far more than the linear gate
-at matched KL, so it is not a method of the package.
+at matched KL, so it is not a method of the package.  ``neuron:ALPHA:C:FIRST`` puts it
+in the MLPs of layers FIRST onwards only, where the residual stream it reads separates
+harmful from harmless prompts best (session 7: weaker, not more selective).
 
 Calibration: every training prompt (harmful vs harmless + borderline); measured on the
 validation split (harmful, harmless, borderline refusal; first-token KL on harmless).
@@ -43,8 +45,10 @@ from surgery.prompts import format_chat
 
 
 @contextlib.contextmanager
-def neuron_gates(lm, batch, nh: int, r: torch.Tensor, alpha: float, c: float, fit: dict, post_positions: int = 5):
-    """Implant the gated neurons (cascade fit in one forward pass), restore on exit."""
+def neuron_gates(lm, batch, nh: int, r: torch.Tensor, alpha: float, c: float, fit: dict, post_positions: int = 5,
+                 first_layer: int = 0):
+    """Implant the gated neurons in the MLPs of layers ``first_layer`` onwards (cascade
+    fit in one forward pass), restore on exit."""
     mask = batch["attention_mask"]
     saved = []
 
@@ -63,7 +67,8 @@ def neuron_gates(lm, batch, nh: int, r: torch.Tensor, alpha: float, c: float, fi
 
     layers = lm.layers()
     with torch.no_grad():
-        forward_until(lm, batch, len(layers) - 1, [layer.mlp.register_forward_pre_hook(hook) for layer in layers])
+        hooks = [layer.mlp.register_forward_pre_hook(hook) for layer in layers[first_layer:]]
+        forward_until(lm, batch, len(layers) - 1, hooks)
     try:
         yield
     finally:
@@ -80,7 +85,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--direction", required=True, help="a direction file from `surgery directions`")
     ap.add_argument("--layer", type=int, default=None, help="use this layer's candidate instead of the chosen one")
-    ap.add_argument("--run", action="append", required=True, help="lin:ALPHA or neuron:ALPHA:C (repeatable)")
+    ap.add_argument("--run", action="append", required=True, help="lin:ALPHA or neuron:ALPHA:C[:FIRST_LAYER] (repeatable)")
     ap.add_argument("--tokens", type=int, default=48)
     args = ap.parse_args()
     resolved, _, _ = open_model(args.model)
@@ -102,9 +107,10 @@ def main() -> None:
             alpha = float(vals[0])
             ctx = gated_in_memory(lm, r, fit_gates_cascade(lm, harmful, harmless, r, alpha, "ridge", **fit), alpha)
         elif kind == "neuron":
-            ctx = neuron_gates(lm, batch, len(harmful), r, float(vals[0]), float(vals[1]), fit)
+            first = int(vals[2]) if len(vals) > 2 else 0
+            ctx = neuron_gates(lm, batch, len(harmful), r, float(vals[0]), float(vals[1]), fit, first_layer=first)
         else:
-            raise SystemExit(f"--run {spec!r}: expected lin:ALPHA or neuron:ALPHA:C")
+            raise SystemExit(f"--run {spec!r}: expected lin:ALPHA or neuron:ALPHA:C[:FIRST_LAYER]")
         with ctx:
             m = tuning.measure(lm, list(hv.prompts), list(bv.prompts), ref, MarkerJudge(), args.tokens, 40,
                                borderline=blv)

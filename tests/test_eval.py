@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from surgery.evaluation.judges import MarkerJudge
-from surgery.evaluation.metrics import first_token_kl, format_table
+from surgery.evaluation.metrics import first_token_kl, format_table, roc_auc, threshold_ceiling
 from surgery.pipeline import PromptConfig, hash_split
 from surgery.tuning import choose
 
@@ -76,3 +76,27 @@ def test_table_and_user_file_split(tmp_path):
     assert sum(len(p) for p in parts.values()) == 50
     assert not (parts["train"] & parts["val"]) and not (parts["val"] & parts["test"])
     assert all(hash_split(p) == s for s, ps in parts.items() for p in ps)
+
+
+def test_roc_auc_counts_pairs():
+    # 3 x 2 pairs: (0.9 > both), (0.5 > 0.4, tie with 0.5 -> 1/2), (0.1 > neither)
+    assert roc_auc(torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.4, 0.5])) == pytest.approx(3.5 / 6)
+    assert roc_auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert roc_auc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+    with pytest.raises(ValueError):
+        roc_auc(torch.tensor([]), torch.tensor([1.0]))
+
+
+def test_threshold_ceiling_respects_every_budget():
+    pos = torch.tensor([0.1, 0.6, 0.7, 0.8, 0.9])
+    harmless = torch.tensor([0.0, 0.0, 0.0, 0.65, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0])  # 1 of 10 above 0.6
+    borderline = torch.tensor([0.75, 0.0, 0.0, 0.0])  # 1 of 4 above 0.7
+    # borderline <= 0% forces the threshold up to 0.75: only 0.8 and 0.9 fire
+    out = threshold_ceiling(pos, {"harmless": harmless, "borderline": borderline}, {"harmless": 0.1, "borderline": 0.0})
+    assert out["share"] == pytest.approx(0.4) and out["threshold"] == pytest.approx(0.75)
+    # harmless <= 10% allows thresholds from 0.2 up (only 0.65 above); borderline <= 25% does not bind there
+    out = threshold_ceiling(pos, {"harmless": harmless, "borderline": borderline}, {"harmless": 0.1, "borderline": 0.25})
+    assert out["share"] == pytest.approx(0.8) and out["threshold"] == pytest.approx(0.2)
+    assert out["harmless"] == pytest.approx(0.1) and out["borderline"] == pytest.approx(0.25)
+    # no budget at all: everything may fire
+    assert threshold_ceiling(pos, {"harmless": harmless}, {"harmless": 1.0})["share"] == 1.0

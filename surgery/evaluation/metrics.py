@@ -46,6 +46,37 @@ def first_token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
     return float(kl_div(ref_logp, logp).mean())
 
 
+def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Probability that a random ``pos`` score exceeds a random ``neg`` score
+    (ties count one half): how well a score separates two sets of prompts, e.g.
+    a gate's response on held-out harmful vs harmless prompts."""
+    pos, neg = pos.double().flatten(), neg.double().flatten()
+    if not len(pos) or not len(neg):
+        raise ValueError("roc_auc needs at least one score in each set")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def threshold_ceiling(pos: torch.Tensor, negs: dict[str, torch.Tensor], budgets: dict[str, float]) -> dict:
+    """The most a threshold on a score can do: the largest share of ``pos`` strictly
+    above some threshold while each ``negs[name]``'s share above it stays within
+    ``budgets[name]``.  For a gate this bounds harmful refusal at those over-refusal
+    budgets if every prompt the gate fires on refused and no other did
+    (docs/rosi-on-smollm2.md, session 7).  Returns the share, the threshold and each
+    set's share above it."""
+    pos = pos.double().flatten()
+    cands = torch.cat([pos, *[n.double().flatten() for n in negs.values()]]).unique()
+    best = {"share": 0.0, "threshold": float(cands.max()) if len(cands) else 0.0,
+            **{name: 0.0 for name in negs}}
+    for t in [float("-inf")] + cands.tolist():
+        over = {name: float((n.double() > t).double().mean()) for name, n in negs.items()}
+        if all(over[name] <= budgets[name] + 1e-12 for name in negs):
+            share = float((pos > t).double().mean())
+            if share > best["share"]:
+                best = {"share": share, "threshold": t, **over}
+    return best
+
+
 @torch.no_grad()
 def reply_perplexity(lm: LoadedModel, prompts: Sequence[str], replies_ids: Sequence[Sequence[int]],
                      batch_size: int = 16) -> float:
