@@ -17,6 +17,11 @@ harmful from harmless prompts, against the same fit on the residual stream
    residual stream entering each decoder layer of the unedited model, with the same
    AUC and ceiling on validation.
 
+``--one-shot``: part 1 with read vectors fitted on the unedited model's inputs and
+responses measured without the edit (what the fit separates before the edit moves
+the later matrices' inputs); ``--harmful-weight``, ``--ridge``, ``--post-weight``
+change the fit.
+
     python benchmarks/gate_separability.py --direction hardened-smollm2/direction.safetensors \\
         --alpha 1.75 --generate
 
@@ -32,8 +37,8 @@ import torch
 from surgery.activations import batches, encode
 from surgery.defaults import INJECT_DEFAULTS
 from surgery.directions import Directions
-from surgery.edits.gated import (_accumulate, _empty_stats, _finish, _writer_modules, fit_gates_cascade,
-                                 fit_read_vector_ridge, gated_in_memory)
+from surgery.edits.gated import (_accumulate, _empty_stats, _finish, _writer_modules, collect_stats, fit_gates,
+                                 fit_gates_cascade, fit_read_vector_ridge, gated_in_memory)
 from surgery.edits.rosi import unit
 from surgery.evaluation.judges import MarkerJudge
 from surgery.evaluation.metrics import refusal_rate, roc_auc, threshold_ceiling
@@ -108,6 +113,10 @@ def main() -> None:
     ap.add_argument("--harmless-budget", type=float, default=0.10)
     ap.add_argument("--borderline-budget", type=float, default=0.20)
     ap.add_argument("--generate", action="store_true", help="also judge the edited model's replies")
+    ap.add_argument("--one-shot", action="store_true",
+                    help="fit on the unedited model's inputs and measure the responses without the edit")
+    for k in ("post_weight", "ridge", "harmful_weight"):
+        ap.add_argument("--" + k.replace("_", "-"), type=float, default=INJECT_DEFAULTS[k], help="gate fit (inject's default)")
     args = ap.parse_args()
     budgets = {"harmless": args.harmless_budget, "borderline": args.borderline_budget}
     resolved, _, _ = open_model(args.model)
@@ -117,10 +126,13 @@ def main() -> None:
     ht, bt, hv, bv = prompts.train_val()
     harmful, harmless = list(ht.prompts), list(bt.prompts) + list(prompts.train("borderline").prompts)
     val = {"harmful": list(hv.prompts), "harmless": list(bv.prompts), "borderline": list(prompts.val("borderline").prompts)}
-    fit = {k: v for k, v in INJECT_DEFAULTS.items() if k != "cascade"}
+    fit = {k: getattr(args, k) for k in ("post_weight", "ridge", "harmful_weight")}
 
-    vs = fit_gates_cascade(lm, harmful, harmless, r, args.alpha, "ridge", **fit)
-    with gated_in_memory(lm, r, vs, args.alpha):
+    if args.one_shot:
+        vs = fit_gates(collect_stats(lm, harmful, harmless, POST, per_prompt=True), "ridge", **fit)
+    else:
+        vs = fit_gates_cascade(lm, harmful, harmless, r, args.alpha, "ridge", **fit)
+    with gated_in_memory(lm, r, vs, 0.0 if args.one_shot else args.alpha):
         resp = {name: gate_responses(lm, vs, ps) for name, ps in val.items()}
         S = {name: x.mean(1) for name, x in resp.items()}
         gate = summary(S["harmful"], S["harmless"], S["borderline"], budgets)
@@ -135,7 +147,8 @@ def main() -> None:
             gate["refused"] = {name: round(sum(v) / len(v), 3) for name, v in judged.items()}
             gate["harmful_above_threshold_not_refused"] = int((fires & ~refused).sum())
             gate["harmful_below_threshold_refused"] = int((~fires & refused).sum())
-    print(json.dumps({"gate": "cascade", "alpha": args.alpha, **gate}), flush=True)
+    print(json.dumps({"gate": "one-shot, unedited" if args.one_shot else "cascade", "alpha": args.alpha, **fit, **gate}),
+          flush=True)
 
     stats = residual_stats(lm, harmful, harmless)
     means = {name: residual_means(lm, ps) for name, ps in val.items()}
