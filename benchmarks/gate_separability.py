@@ -30,6 +30,7 @@ About 6 minutes on 2 idle CPU cores (the cascade fit is most of it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -118,6 +119,8 @@ def main() -> None:
     for k in ("post_weight", "ridge", "harmful_weight"):
         ap.add_argument("--" + k.replace("_", "-"), type=float, default=INJECT_DEFAULTS[k], help="gate fit (inject's default)")
     args = ap.parse_args()
+    if args.one_shot and args.generate:
+        ap.error("--generate judges the edited model; --one-shot measures without the edit")
     budgets = {"harmless": args.harmless_budget, "borderline": args.borderline_budget}
     resolved, _, _ = open_model(args.model)
     lm = load_model(resolved.folder)
@@ -132,7 +135,7 @@ def main() -> None:
         vs = fit_gates(collect_stats(lm, harmful, harmless, POST, per_prompt=True), "ridge", **fit)
     else:
         vs = fit_gates_cascade(lm, harmful, harmless, r, args.alpha, "ridge", **fit)
-    with gated_in_memory(lm, r, vs, 0.0 if args.one_shot else args.alpha):
+    with contextlib.nullcontext() if args.one_shot else gated_in_memory(lm, r, vs, args.alpha):
         resp = {name: gate_responses(lm, vs, ps) for name, ps in val.items()}
         S = {name: x.mean(1) for name, x in resp.items()}
         gate = summary(S["harmful"], S["harmless"], S["borderline"], budgets)

@@ -1,8 +1,8 @@
 """ROSI with each layer's direction candidate, on the validation split
 (docs/rosi-on-smollm2.md, "ROSI's direction by ROSI's own proxy", session 7).
 
-Without ``--generate``: every candidate of the direction file (layers within the
-selection's cut-off, the first 80%) under ROSI at each of ``--alphas``, scored
+Without ``--generate``: every candidate of the direction file that the selection scored
+(the first 80% of layers) under ROSI at each of ``--alphas``, scored
 without generation (``tuning.proxy_metrics``: mean first-token refusal score on
 harmful and harmless prompts, the share whose first token is a refusal, first-token
 KL on harmless).  With ``--generate L``: the usual generation sweep (harmful,
@@ -49,10 +49,9 @@ def main() -> None:
                      40, progress=lambda p: print(json.dumps({"layer": cand.layer, **p}), flush=True),
                      borderline=list(prompts.val("borderline").prompts))
         return
-    cutoff = int(lm.num_layers * 0.8)  # the selection's layer cut-off (methods.md §1)
     data = tuning.proxy_sets(lm, harmful, harmless)
     for cand in dirs.candidates:
-        if cand.layer >= cutoff:
+        if "skipped" in cand.scores:  # past the selection's layer cut-off (methods.md §1)
             continue
         for a in alphas:
             with rosi_in_memory(lm, cand.vector, a):
