@@ -1,6 +1,6 @@
-"""Selectivity at matched harmful refusal: ROSI vs gated injection (rank 1 and
-rank k, one-shot and cascade fits) vs trained outputs (SAILS, lora-sft) if present,
-in one run (issue 6).
+"""Selectivity at matched harmful refusal: ROSI vs gated injection (the opening
+gate, `surgery inject`'s default; the linear gate at rank 1 and rank k, one-shot and
+cascade fits) vs trained outputs (SAILS, lora-sft) if present, in one run (issue 6).
 
 Comparing over-refusal at different refusal levels says little, so every
 strength-swept edit is matched first: its strength is swept on the
@@ -55,6 +55,9 @@ def _trained(spec: str) -> dict[str, Path]:
     return out
 
 
+METHODS = ("rosi", "opening", "gated", "gated-k", "gated-cascade")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="The original model (folder, .gguf, Hub id, alias).")
@@ -68,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rosi-alphas", type=_floats, default=None, help="ROSI strengths to sweep (default: ROSI's).")
     ap.add_argument("--gated-alphas", type=_floats, default=_floats("0.5,0.75,1,1.25,1.5,1.75,2,2.25,2.5"),
                     help="Gated strengths to sweep.")
-    ap.add_argument("--methods", default="rosi,gated,gated-cascade,gated-k",
+    ap.add_argument("--opening-alphas", type=_floats, default=None,
+                    help="Opening gate scales to sweep (default: inject's).")
+    ap.add_argument("--methods", default="rosi,opening,gated,gated-cascade,gated-k",
                     help="Swept edits to include (gated-cascade refits per strength: about 100 s each on SmolLM2).")
     ap.add_argument("--eval-tokens", type=int, default=48)
     ap.add_argument("--n-train", type=int, default=None, help="At most N training prompts a set (default: all, as the commands use).")
@@ -78,9 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="Check the arguments and print the plan; load nothing.")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("rosi", "gated", "gated-k", "gated-cascade")]
+    bad = [m for m in methods if m not in METHODS]
     if bad:
-        ap.error(f"unknown method {bad[0]!r} in --methods (use rosi, gated, gated-k, gated-cascade)")
+        ap.error(f"unknown method {bad[0]!r} in --methods (use {', '.join(METHODS)})")
     args.methods = methods
     if args.rank_k < 2:
         ap.error("--rank-k must be at least 2 (rank 1 is the gated row)")
@@ -118,7 +123,7 @@ def main(argv=None) -> None:
     from surgery.evaluation.judges import MarkerJudge
     from surgery.evaluation.metrics import evaluate, first_token_logprobs, format_table, summary_row
     from surgery.model import load_model
-    from surgery.pipeline import Gated, PromptConfig, Rosi, compute_directions, test_sets
+    from surgery.pipeline import Gated, Opening, PromptConfig, Rosi, compute_directions, test_sets
     from surgery.tuning import measure, sweep
 
     t0 = time.time()
@@ -153,6 +158,10 @@ def main(argv=None) -> None:
     if "rosi" in args.methods:
         m = Rosi()
         edits["rosi"] = (m, args.rosi_alphas or list(m.default_alphas))
+    if "opening" in args.methods:
+        m = Opening()  # `surgery inject`'s default gate
+        m.prepare(base, prompts, print)
+        edits["opening"] = (m, args.opening_alphas or list(m.default_alphas))
     if "gated" in args.methods or "gated-k" in args.methods:
         gk = Gated(rank=args.rank_k)
         gk.use_direction(dirs)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .defaults import INJECT_DEFAULTS
+from .defaults import INJECT_DEFAULTS, OPENING_DEFAULTS, REFUSAL_TOLERANCE
 from .errors import SurgeryError
 
 
@@ -128,6 +128,9 @@ def edit_options(f):
         click.option("--max-over-refusal", type=float, default=0.15, show_default=True,
                      help="Sweep budget: harmless refusal on validation."),
         click.option("--max-kl", type=float, default=0.3, show_default=True, help="Sweep budget: first-token KL on validation."),
+        click.option("--refusal-tolerance", type=click.FloatRange(min=0.0), default=REFUSAL_TOLERANCE, show_default=True,
+                     help="Keep a strength within this much harmful refusal of the most refusing one when it "
+                          "over-refuses less (harmless + borderline, validation); 0: the most refusing."),
         click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation."),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end)."),
         click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB."),
@@ -143,7 +146,8 @@ def _run_edit(fn, model, o: dict, **method_kw):
         kw["alphas"] = _floats(o["alphas"])
     res = fn(model, o["out"], alpha=o["alpha"], direction_file=o["direction_file"], sources=o["sources"] or ("response",),
              layers=_layers(o["layers"]), prompts=_prompts(o["harmful"], o["harmless"], o["borderline"], o["column"]),
-             max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"], run_eval=not o["no_eval"],
+             max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"], refusal_tolerance=o["refusal_tolerance"],
+             run_eval=not o["no_eval"],
              overwrite=o["overwrite"], revision=o["revision"], allow_pickle=o["allow_pickle"], device=o["device"],
              max_shard_bytes=int(o["max_shard_size"] * 1e9), say=(lambda m: None) if o["as_json"] else _say,
              **method_kw, **kw)
@@ -169,6 +173,18 @@ def rosi(model, include_embedding, **o):
 @main.command()
 @click.argument("model")
 @edit_options
+@click.option("--gate", type=click.Choice(["opening", "linear"]), default=OPENING_DEFAULTS["gate"], show_default=True,
+              help="opening: gated neurons in the last MLP write the refusal's first words on harmful prompts "
+                   "(no direction needed); linear: a rank-one push along the refusal direction in every residual "
+                   "writer, with fitted read vectors (--direction, --rank, --fit, --cascade, --layers).")
+@click.option("--opening", default=OPENING_DEFAULTS["opening"], show_default=True,
+              help="Opening gate: the words it writes (the first tokens of --refusal).")
+@click.option("--refusal", default=None,
+              help="Opening gate: the refusal the gate's reads are fitted on (default: the project's refusal text).")
+@click.option("--coverage", type=float, default=OPENING_DEFAULTS["coverage"], show_default=True,
+              help="Opening gate: each token's strength is the smallest that makes it the top token for this share "
+                   "of the harmful training prompts (the swept alpha scales these strengths).")
+@click.option("--opening-layer", type=int, default=None, help="Opening gate: the MLP layer (default: the last).")
 @click.option("--post-weight", type=float, default=INJECT_DEFAULTS["post_weight"], show_default=True,
               help="Weight of harmless post-instruction inputs in the gate fit.")
 @click.option("--ridge", type=float, default=INJECT_DEFAULTS["ridge"], show_default=True,
@@ -186,12 +202,22 @@ def rosi(model, include_embedding, **o):
 @click.option("--cascade/--one-shot", default=None,
               help="Fit each matrix's gate on the inputs it gets once the earlier matrices are edited, refitted per "
                    "strength (default for rank one), or once on the unedited model (default for rank K).")
-def inject(model, post_weight, ridge, no_borderline_calibration, rank, fit, null_ratio, harmful_weight, cascade, **o):
-    """Gated injection: read vectors fitted to fire on harmful inputs only (rank 1, or rank K with --rank)."""
+def inject(model, gate, opening, refusal, coverage, opening_layer, post_weight, ridge, no_borderline_calibration, rank,
+           fit, null_ratio, harmful_weight, cascade, **o):
+    """Gated injection without training: edits that fire on harmful prompts only.
+
+    The default opening gate writes the refusal's first words on harmful prompts
+    (K gated neurons in the last MLP); --gate linear is the rank-one push along
+    the refusal direction with read vectors fitted per matrix (rank K with --rank).
+    Without --alpha the strength is swept on the validation split."""
     from .pipeline import inject as run
 
-    _run_edit(run, model, o, post_weight=post_weight, ridge=ridge, borderline_calibration=not no_borderline_calibration,
-              rank=rank, fit=fit, null_ratio=null_ratio, harmful_weight=harmful_weight, cascade=cascade)
+    extra = {}
+    if gate == "opening":
+        extra = {"opening": opening, "refusal": refusal, "coverage": coverage, "opening_layer": opening_layer}
+    _run_edit(run, model, o, gate=gate, post_weight=post_weight, ridge=ridge,
+              borderline_calibration=not no_borderline_calibration, rank=rank, fit=fit, null_ratio=null_ratio,
+              harmful_weight=harmful_weight, cascade=cascade, **extra)
 
 
 @main.command("eval")
@@ -437,7 +463,7 @@ def train_options(f):
                      help="Early-stopping budget: harmless refusal on the validation split."),
         click.option("--max-kl", type=float, default=0.3, show_default=True,
                      help="Early-stopping budget: first-token KL on harmless validation prompts."),
-        click.option("--refusal-tolerance", type=click.FloatRange(min=0.0), default=0.05, show_default=True,
+        click.option("--refusal-tolerance", type=click.FloatRange(min=0.0), default=REFUSAL_TOLERANCE, show_default=True,
                      help="Keeping the validation point: one within this much harmful refusal of the best so far "
                           "replaces it when it over-refuses less (harmless + borderline); 0: most refusal wins."),
         click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,

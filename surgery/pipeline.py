@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, res
                          stream_rewrite)
 from .directions import Directions, compute_directions as _compute_directions
 from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
-from .defaults import INJECT_DEFAULTS
+from .defaults import INJECT_DEFAULTS, OPENING_DEFAULTS, REFUSAL_TOLERANCE
 from .errors import PromptError, SurgeryError
 from .evaluation.metrics import evaluate, format_table, summary_row
 from .manifest import build_manifest, update_manifest, write_manifest
@@ -208,6 +208,7 @@ class EditMethod:
     and the manifest parameters.  ``harden`` does everything else."""
     name = "edit"
     default_alphas: Sequence[float] = ()
+    needs_direction = True  # False: harden neither computes nor records a refusal direction
 
     def use_direction(self, dirs: Directions) -> None:
         """Receive the direction artifact before ``prepare`` (for methods that need more than ``r_hat``)."""
@@ -250,6 +251,21 @@ class Rosi(EditMethod):
                 "include_embedding": self.include_embedding,
                 "matrices": "attention and MLP output projections (every expert); biases untouched",
                 "formula": "W' = W + alpha * r_hat * W.mean(dim=0)^T", "compute_dtype": "float32"}
+
+
+def gate_calibration(prompts: "PromptConfig", borderline: bool = True):
+    """A gate's calibration prompts: the harmful and harmless training sets, the
+    harmless prompts gates must stay shut on (plus the borderline training set when
+    ``borderline``: prompts that only sound dangerous must not open a gate either)
+    and their manifest record.  Returns ``(harmful, harmless, shut, record)``."""
+    ht, bt, _, _ = prompts.train_val()
+    shut = list(bt.prompts)
+    record = {"harmful_train": ht.describe(), "harmless_train": bt.describe()}
+    if borderline and prompts.borderline:
+        bl = prompts.train("borderline")
+        shut += list(bl.prompts)
+        record["borderline_train"] = bl.describe()
+    return ht, bt, shut, record
 
 
 class Gated(EditMethod):
@@ -300,14 +316,7 @@ class Gated(EditMethod):
         from .edits.gated import collect_stats, prompt_contrasts, refusal_basis
 
         rank = self.rank if rank is None else rank
-        ht, bt, _, _ = prompts.train_val()
-        harmless = list(bt.prompts)
-        self.calibration = {"harmful_train": ht.describe(), "harmless_train": bt.describe()}
-        if self.borderline_calibration and prompts.borderline:
-            # prompts that only sound dangerous must not open the gate either
-            bl = prompts.train("borderline")
-            harmless += list(bl.prompts)
-            self.calibration["borderline_train"] = bl.describe()
+        ht, bt, harmless, self.calibration = gate_calibration(prompts, self.borderline_calibration)
         if self.cascade:
             self._calibration_prompts = (list(ht.prompts), harmless)
             say(f"read vectors will be fitted in cascade, per strength, on {len(ht)} harmful + {len(harmless)} "
@@ -420,10 +429,94 @@ class Gated(EditMethod):
         return {"gates.safetensors": path}
 
 
+class Opening(EditMethod):
+    """Gated opening (surgery.edits.opening), ``surgery inject``'s default gate: K
+    gated neurons in the last MLP write the refusal's first K tokens on harmful
+    prompts only.  The swept strength is a ``scale`` on the calibrated per-token
+    strengths (1 = each opening token is the top token at its step for
+    ``coverage`` of the harmful training prompts).  Needs no refusal direction."""
+    name = "gated-opening"
+    default_alphas = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    needs_direction = False
+
+    def __init__(self, opening: str = OPENING_DEFAULTS["opening"], refusal: str | None = None,
+                 layer: int | None = None, coverage: float = OPENING_DEFAULTS["coverage"],
+                 c: float = OPENING_DEFAULTS["c"], post_weight: float = INJECT_DEFAULTS["post_weight"],
+                 ridge: float = INJECT_DEFAULTS["ridge"], harmful_weight: float = INJECT_DEFAULTS["harmful_weight"],
+                 borderline_calibration: bool = True):
+        from .directions import DEFAULT_REFUSAL
+
+        if not 0.0 < coverage <= 1.0:
+            raise SurgeryError(f"gated opening: coverage must be in (0, 1], got {coverage}")
+        if not c > 0:
+            raise SurgeryError(f"gated opening: c must be > 0, got {c}")
+        if not harmful_weight >= 0.0 or not ridge > 0.0 or not post_weight >= 0.0:
+            raise SurgeryError("gated opening: harmful weight and post weight must be >= 0 and ridge > 0")
+        self.opening, self.refusal = opening, refusal if refusal is not None else DEFAULT_REFUSAL
+        self.layer, self.coverage, self.c = layer, coverage, c
+        self.post_weight, self.ridge, self.harmful_weight = post_weight, ridge, harmful_weight
+        self.borderline_calibration = borderline_calibration
+        self.gate = None
+        self.calibration: dict = {}
+
+    def prepare(self, lm, prompts, say):
+        from .edits.opening import fit_opening_gate
+
+        ht, _, harmless, self.calibration = gate_calibration(prompts, self.borderline_calibration)
+        self.gate = fit_opening_gate(lm, list(ht.prompts), harmless, self.refusal, self.opening, layer=self.layer,
+                                     c=self.c, coverage=self.coverage, post_weight=self.post_weight,
+                                     harmful_weight=self.harmful_weight, ridge=self.ridge, say=say)
+
+    def in_memory(self, lm, r_hat, alpha):
+        from .edits.opening import opening_in_memory
+
+        return opening_in_memory(lm, self.gate, alpha)
+
+    def write(self, reader, arch, out, r_hat, alpha, **kw):
+        from .edits.opening import MLP_WEIGHTS, opening_tensor
+
+        # the live model's parameter names are the checkpoint's for the dense models this supports
+        prefix = f"{arch.layers_module}.{self.gate.layer}.mlp"
+        targets = {f"{prefix}.{k}.weight": k for k in MLP_WEIGHTS}
+        missing = sorted(set(targets) - set(reader.names))
+        if missing:
+            raise SurgeryError(f"gated opening: {missing[0]} is not in the checkpoint")
+
+        def edit(name, tensor):
+            kind = targets.get(name)
+            return None if kind is None else opening_tensor(self.gate, kind, tensor, alpha)
+
+        return write_edited(reader, out, edit, **kw)
+
+    def parameters(self) -> dict:
+        g = self.gate
+        return {"formula": ("K gated neurons in one MLP: neuron n_j gets gate row c*u, up row w_j, down column "
+                            "alpha * a_j * d_j / act(c), so the layer adds act(c u.x) (w_j.x) / act(c) * alpha * a_j * d_j "
+                            "(u: harm read, w_j: read of opening step j, d_j: direction raising opening token t_j, "
+                            "a_j: calibrated strength; surgery.edits.opening)"),
+                "layer": g.layer, "neurons": g.neurons, "opening": self.opening, "refusal": self.refusal,
+                "opening_tokens": g.tokens, "strengths": [round(float(a), 4) for a in g.alphas],
+                "coverage": self.coverage, "coverage_reached": [round(x, 4) for x in g.coverage], "c": g.c,
+                "post_weight": self.post_weight, "ridge": self.ridge, "harmful_weight": self.harmful_weight,
+                "borderline_calibration": self.borderline_calibration, "calibration": self.calibration,
+                "gate": "opening_gate.safetensors", "compute_dtype": "float32"}
+
+    def files(self, work: Path) -> dict[str, Path]:
+        from safetensors.torch import save_file
+
+        from .edits.opening import gate_tensors
+
+        path = work / "opening_gate.safetensors"
+        tensors, meta = gate_tensors(self.gate)
+        save_file(tensors, str(path), metadata=meta)
+        return {"opening_gate.safetensors": path}
+
+
 def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | None = None,
            alphas: Sequence[float] | None = None, direction_file: str | Path | None = None,
            sources: Sequence[str] = ("response",), rank_by: str = "selectivity", prompts: PromptConfig | None = None,
-           max_over_refusal: float = 0.15, max_kl: float = 0.3, run_eval: bool = True, eval_tokens: int = 48,
+           max_over_refusal: float = 0.15, max_kl: float = 0.3, refusal_tolerance: float = REFUSAL_TOLERANCE,
+           run_eval: bool = True, eval_tokens: int = 48,
            overwrite: bool = False, revision: str | None = None, allow_pickle: bool = False, device: str | None = None,
            max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> HardenResult:
     """Direction -> method-specific measurement -> strength sweep -> streamed write
@@ -437,6 +530,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
         d = arch.hidden_size(reader.config)
+        if direction_file and not method.needs_direction:
+            raise SurgeryError(f"{method.name} does not use a refusal direction; drop --direction")
         dirs = Directions.load(direction_file) if direction_file else None
         if dirs is not None:
             dirs.check_width(d, f"model {source}")
@@ -445,11 +540,12 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
         # artifacts (direction, gates) are made here, then copied into the checkpoint's own temporary folder
         with tempfile.TemporaryDirectory(prefix="surgery-") as work:
             tmp_dir = Path(work)
-            if dirs is None:
+            if dirs is None and method.needs_direction:
                 dirs = compute_directions(lm, prompts, sources, rank_by, say)
-            dir_path = dirs.save(tmp_dir / "direction.safetensors")
-            r_hat = unit(dirs.best.vector)
-            method.use_direction(dirs)
+            dir_path = dirs.save(tmp_dir / "direction.safetensors") if dirs is not None else None
+            r_hat = unit(dirs.best.vector) if dirs is not None else None
+            if dirs is not None:
+                method.use_direction(dirs)
             method.prepare(lm, prompts, say)
             points: list[dict] = []
             if alpha is None:
@@ -465,23 +561,25 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
                                           f"harmless {p['harmless_refusal']:.0%}"
                                           + (f", borderline {p['borderline_refusal']:.0%}" if 'borderline_refusal' in p
                                              else "") + f", KL {p['kl']:.3f}"))
-                best, why = tuning.choose(points, max_over_refusal, max_kl)
+                best, why = tuning.choose(points, max_over_refusal, max_kl, refusal_tolerance)
                 alpha = best["value"]
                 say(f"alpha = {alpha:g}: {why}")
             else:
                 why = "given"
             method.finalize(lm, r_hat, alpha, say)
             params = {"alpha": alpha, "alpha_choice": why, **method.parameters(), "max_over_refusal": max_over_refusal,
-                      "max_kl": max_kl, "sweep": points}
-            datasets = dict(dirs.meta.get("datasets", {}))
+                      "max_kl": max_kl, "refusal_tolerance": refusal_tolerance, "sweep": points}
+            datasets = dict(dirs.meta.get("datasets", {})) if dirs is not None else {}
             if points:
                 datasets.update({"sweep_harmful_val": hv.describe(), "sweep_harmless_val": bv.describe()})
                 if blv:
                     datasets["sweep_borderline_val"] = blv.describe()
             manifest = build_manifest(input_info=input_info(resolved, reader), method=method.name, parameters=params,
-                                      datasets=datasets, direction=direction_record(dir_path, dirs))
-            files = {"direction.safetensors": dir_path, "direction.safetensors.json": Path(str(dir_path) + ".json"),
-                     **method.files(tmp_dir)}
+                                      datasets=datasets,
+                                      direction=direction_record(dir_path, dirs) if dirs is not None else None)
+            files = ({"direction.safetensors": dir_path, "direction.safetensors.json": Path(str(dir_path) + ".json")}
+                     if dirs is not None else {})
+            files.update(method.files(tmp_dir))
             method.write(reader, arch, out, r_hat, alpha, overwrite=overwrite, files=files, manifest=manifest,
                          max_shard_bytes=max_shard_bytes, say=say)
         result = HardenResult(out, alpha, manifest["direction"], points)
@@ -498,13 +596,27 @@ def rosi(source: str, out: str | Path, *, layers: Sequence[int] | None = None, i
     return harden(source, out, Rosi(layers, include_embedding), alphas=alphas, **kw)
 
 
-def inject(source: str, out: str | Path, *, layers: Sequence[int] | None = None,
+def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"],
+           layers: Sequence[int] | None = None,
            post_weight: float = INJECT_DEFAULTS["post_weight"], ridge: float = INJECT_DEFAULTS["ridge"],
            borderline_calibration: bool = True, rank: int = 1, fit: str = "ridge", null_ratio: float = 0.5,
            harmful_weight: float = INJECT_DEFAULTS["harmful_weight"], cascade: bool | None = None,
+           opening: str = OPENING_DEFAULTS["opening"], refusal: str | None = None, opening_layer: int | None = None,
+           coverage: float = OPENING_DEFAULTS["coverage"], c: float = OPENING_DEFAULTS["c"],
            **kw) -> HardenResult:
-    """Gated injection (rank 1 or k) through :func:`harden`; ``cascade`` None means
-    the default for the rank (on for rank one)."""
+    """Gated injection through :func:`harden`.  ``gate="opening"`` (the default):
+    gated neurons writing the refusal's opening (:class:`Opening`); ``"linear"``:
+    rank-one (or rank-k) read vectors per residual writer (:class:`Gated`;
+    ``cascade`` None means the default for the rank, on for rank one)."""
+    if gate == "opening":
+        linear_only = [n for n, set_ in (("layers", layers is not None), ("rank", rank != 1), ("fit", fit != "ridge"),
+                                         ("null_ratio", null_ratio != 0.5), ("cascade", cascade is not None)) if set_]
+        if linear_only:
+            raise SurgeryError(f"gated injection: {', '.join(linear_only)} only apply to the linear gate")
+        return harden(source, out, Opening(opening, refusal, opening_layer, coverage, c, post_weight, ridge,
+                                           harmful_weight, borderline_calibration), **kw)
+    if gate != "linear":
+        raise SurgeryError(f"gated injection: gate must be opening or linear, got {gate!r}")
     if cascade is None:
         cascade = INJECT_DEFAULTS["cascade"] and rank == 1
     return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration, rank, fit, null_ratio,

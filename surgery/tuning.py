@@ -90,8 +90,50 @@ def sweep(lm: LoadedModel, edit: Callable[[float], ContextManager], values: Sequ
     return points
 
 
-def choose(points: list[dict], max_over_refusal: float = 0.15, max_kl: float = 0.3) -> tuple[dict, str]:
+RATE_EPS = 1e-9
+
+
+def better_point(p: dict, best: dict | None, max_over_refusal: float, max_kl: float,
+                 refusal_tolerance: float = 0.0) -> bool:
+    """The kept-point rule of every sweep and every trainer's validation: is ``p``
+    (harmful/harmless[/borderline] refusal, KL) better than ``best``?  Only points
+    within the over-refusal and KL budgets count.  More harmful refusal wins, except
+    that within ``refusal_tolerance`` of each other the one that over-refuses less
+    (harmless + borderline) wins; then more refusal, less over-refusal."""
+    ok = p["harmless_refusal"] <= max_over_refusal and p["kl"] <= max_kl
+    if not ok:
+        return False
+    if best is None:
+        return True
+    if refusal_tolerance > 0:
+        # rates are k/n, so differences carry float rounding (0.75 - 0.8 = -0.050000000000000044,
+        # 0.05 + 0.1 != 0.075 + 0.075): compare them to within RATE_EPS
+        gain = p["harmful_refusal"] - best["harmful_refusal"]
+        if abs(gain) > refusal_tolerance + RATE_EPS:
+            return gain > 0
+        over = p["harmless_refusal"] + p.get("borderline_refusal", 0.0)
+        best_over = best["harmless_refusal"] + best.get("borderline_refusal", 0.0)
+        if abs(over - best_over) > RATE_EPS:
+            return over < best_over
+    return (p["harmful_refusal"], -p["harmless_refusal"], -p.get("borderline_refusal", 0.0)) > \
+        (best["harmful_refusal"], -best["harmless_refusal"], -best.get("borderline_refusal", 0.0))
+
+
+def choose(points: list[dict], max_over_refusal: float = 0.15, max_kl: float = 0.3,
+           refusal_tolerance: float = 0.0) -> tuple[dict, str]:
+    """The kept strength of a sweep (points in sweep order).  ``refusal_tolerance``
+    0: the most harmful refusal within the budgets (ties: the smaller strength);
+    > 0: :func:`better_point`'s rule, the trainers' (a point within the tolerance of
+    the most refusing one that over-refuses less is kept instead)."""
     ok = [p for p in points if p["harmless_refusal"] <= max_over_refusal and p["kl"] <= max_kl]
+    if ok and refusal_tolerance > 0:
+        best = None
+        for p in points:
+            if better_point(p, best, max_over_refusal, max_kl, refusal_tolerance):
+                best = p
+        return best, (f"highest harmful refusal on the validation split with over-refusal <= {max_over_refusal:.0%} "
+                      f"and first-token KL <= {max_kl}, or within {refusal_tolerance:.0%} of it with less harmless + "
+                      "borderline over-refusal")
     if ok:
         best = max(ok, key=lambda p: (p["harmful_refusal"], -p["value"]))
         return best, (f"highest harmful refusal on the validation split with over-refusal <= {max_over_refusal:.0%} "

@@ -66,6 +66,23 @@ def test_choose_rule():
     assert best["value"] == 20.0 and "no strength" in why
 
 
+def test_choose_rule_with_refusal_tolerance():
+    """The opening gate's sweep on SmolLM2 (validation): scale 2 refuses 2.5 points more
+    than scale 1 at three times the over-refusal; with the trainers' tolerance (5 points)
+    scale 1 is kept, without it scale 2; a gain past the tolerance still wins."""
+    rows = [(0.5, 0.725, 0.0, 0.05, 0.005), (0.75, 0.8, 0.025, 0.075, 0.014), (1.0, 0.925, 0.025, 0.1, 0.028),
+            (1.25, 0.925, 0.05, 0.15, 0.051), (1.5, 0.925, 0.05, 0.175, 0.082), (2.0, 0.95, 0.075, 0.2, 0.166)]
+    pts = [{"value": v, "harmful_refusal": h, "harmless_refusal": b, "borderline_refusal": bl, "kl": kl}
+           for v, h, b, bl, kl in rows]
+    assert choose(pts, 0.10, 0.3)[0]["value"] == 2.0
+    best, why = choose(pts, 0.10, 0.3, refusal_tolerance=0.05)
+    assert best["value"] == 1.0 and "within 5%" in why
+    assert choose(pts, 0.10, 0.3, refusal_tolerance=0.02)[0]["value"] == 2.0
+    # budgets still bind: with over-refusal <= 2.5% only scales up to 1 count
+    assert choose(pts, 0.025, 0.3, refusal_tolerance=0.05)[0]["value"] == 1.0
+    assert choose(pts, 0.0, 0.3, refusal_tolerance=0.05)[0]["value"] == 0.5
+
+
 def test_table_and_user_file_split(tmp_path):
     t = format_table({"a": {"harmful_refusal": 0.5, "kl_first_token_harmless": 0.1234}})
     assert "50.0%" in t and "0.123" in t

@@ -82,7 +82,7 @@ def test_inject_pipeline_writes_exact_rank_one_deltas(tmp_path, tiny_chat):
     dfile = Directions([Candidate("response", 1, "reply[0:4]", torch.randn(32, dtype=torch.float64))], 0, "t").save(
         tmp_path / "d.safetensors")
     out = tmp_path / "out"
-    inject(str(tiny_chat), out, alpha=1.5, direction_file=dfile, run_eval=False, prompts=PromptConfig(n_train=8, n_val=4))
+    inject(str(tiny_chat), out, gate="linear", alpha=1.5, direction_file=dfile, run_eval=False, prompts=PromptConfig(n_train=8, n_val=4))
     assert verify(out) == []
     m = read_manifest(out)
     assert m["method"]["name"] == "gated-injection" and m["edited"]["count"] == 8
@@ -186,7 +186,7 @@ def test_cascade_inject_writes_the_chosen_strengths_fit(tmp_path, tiny_chat):
         tmp_path / "d.safetensors")
     out = tmp_path / "out"
     prompts = PromptConfig(n_train=8, n_val=4)
-    inject(str(tiny_chat), out, alpha=1.5, direction_file=dfile, run_eval=False, cascade=True, prompts=prompts)
+    inject(str(tiny_chat), out, gate="linear", alpha=1.5, direction_file=dfile, run_eval=False, cascade=True, prompts=prompts)
     m = read_manifest(out)
     assert m["method"]["parameters"]["cascade"] is True and m["edited"]["count"] == 8
     vs = load_file(str(out / "gates.safetensors"))

@@ -65,6 +65,7 @@ def _vars(d: dict) -> list[str]:
 # -- every shipped recipe runs -------------------------------------------------
 TINY_VARS = {
     "rosi-smollm2.yaml": lambda tiny, inp, out: {"model": tiny, "out": out, "alpha": 2},
+    "inject-smollm2.yaml": lambda tiny, inp, out: {"model": tiny, "out": out, "alpha": 1, "no_eval": "true"},
     "sails.yaml": lambda tiny, inp, out: {"model": tiny, "out": out, "sae_layers": "1,3", "k_features": 8, "epochs": 1,
                                           "reply_tokens": 6, "no_eval": "true"},
     "safe-lora.yaml": lambda tiny, inp, out: {"aligned": tiny, "base": inp["base"], "adapter": inp["adapter"],
@@ -93,6 +94,9 @@ def test_shipped_recipe_runs_and_is_recorded_verbatim(name, tmp_path, tiny_chat,
     if name == "rosi-smollm2.yaml":  # the --var reached the verb; card and evaluation steps ran
         assert m["method"]["name"] == "rosi" and params["alpha"] == 2.0 and params["alpha_choice"] == "given"
         assert "evaluation" in m and "README.md" in m["outputs"] and "ROSI" in (out / "README.md").read_text()
+    elif name == "inject-smollm2.yaml":
+        assert m["method"]["name"] == "gated-opening" and params["alpha"] == 1.0 and m["direction"] is None
+        assert params["opening"] == "I'm sorry, but" and "gated opening" in (out / "README.md").read_text()
     elif name == "sails.yaml":
         assert m["method"]["name"] == "sails" and params["training"]["epochs"] == 1 and "evaluation" not in m
         assert set(m["sails"]["subspace"]) == {"1", "3"}

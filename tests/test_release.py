@@ -419,7 +419,24 @@ def test_rebuilt_inject_command_pins_every_fit_parameter(params, expect):
     text = "\n".join(_reproduce(m))
     line = next(l for l in text.splitlines() if l.startswith("surgery inject"))
     ctx = cli.commands["inject"].make_context("inject", shlex.split(line)[2:])
-    for k, v in {"alpha": 1.75, **expect}.items():
+    for k, v in {"alpha": 1.75, "gate": "linear", **expect}.items():
+        assert ctx.params[k] == v, (k, line)
+
+
+def test_rebuilt_inject_command_for_the_opening_gate():
+    """The opening gate's rebuilt command gives back its recorded parameters, and no --direction."""
+    import shlex
+
+    from surgery.release.card import _reproduce
+
+    params = {"alpha": 1.25, "layer": 3, "opening": "I'm sorry, but", "refusal": "I'm sorry, but no.",
+              "coverage": 0.9, "post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0}
+    m = {"method": {"name": "gated-opening", "parameters": params}, "input": {"source": "smollm2"}, "direction": None}
+    line = next(l for l in "\n".join(_reproduce(m)).splitlines() if l.startswith("surgery inject"))
+    ctx = cli.commands["inject"].make_context("inject", shlex.split(line)[2:])
+    assert ctx.params["direction_file"] is None and ctx.params["gate"] == "opening"
+    for k, v in {"alpha": 1.25, "opening_layer": 3, "opening": "I'm sorry, but", "refusal": "I'm sorry, but no.",
+                 "coverage": 0.9, "post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0}.items():
         assert ctx.params[k] == v, (k, line)
 
 

@@ -296,7 +296,7 @@ def test_inject_rank_k_writes_exact_low_rank_deltas(tmp_path, tiny_chat, calib):
     _, _, _, _, _, cand = calib
     dfile = _direction_file(tmp_path, cand)
     out = tmp_path / "out"
-    inject(str(tiny_chat), out, alpha=1.5, rank=2, direction_file=dfile, run_eval=False, prompts=SMALL)
+    inject(str(tiny_chat), out, gate="linear", alpha=1.5, rank=2, direction_file=dfile, run_eval=False, prompts=SMALL)
     assert verify(out) == []
     m = read_manifest(out)
     assert m["method"]["parameters"]["rank"] == 2 and m["edited"]["count"] == 8
@@ -319,7 +319,7 @@ def test_inject_rank_1_is_the_rank_one_edit_byte_for_byte(tmp_path, tiny_chat, c
     _, _, _, _, _, cand = calib
     dfile = _direction_file(tmp_path, cand)
     out = tmp_path / "out"
-    inject(str(tiny_chat), out, alpha=1.5, rank=1, cascade=False, ridge=0.1, harmful_weight=0.0, direction_file=dfile,
+    inject(str(tiny_chat), out, gate="linear", alpha=1.5, rank=1, cascade=False, ridge=0.1, harmful_weight=0.0, direction_file=dfile,
            run_eval=False, prompts=SMALL)
     lm = load_model(tiny_chat)
     ht, bt, _, _ = SMALL.train_val()

@@ -217,6 +217,12 @@ def ridge_gram(s: GateStats, post_weight: float = 1.0, ridge: float = 1e-2, harm
     return g + ridge * torch.trace(g) / d * torch.eye(d, dtype=g.dtype)
 
 
+def unit_response_read(m: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``v = G^-1 m / (m^T G^-1 m)``: the least ``v^T G v`` with ``m . v = 1``."""
+    v = torch.linalg.solve(g, m)
+    return v / (m @ v)
+
+
 def fit_read_vector_ridge(s: GateStats, post_weight: float = 1.0, ridge: float = 1e-2,
                           harmful_weight: float = 0.0) -> torch.Tensor:
     """Least benign energy subject to a unit mean response on harmful inputs:
@@ -226,10 +232,7 @@ def fit_read_vector_ridge(s: GateStats, post_weight: float = 1.0, ridge: float =
     the spread of the harmful response across prompts (``G += w * Cov(x_h)``): the
     same unit mean, reached evenly rather than by a few prompts, which is what
     generalises to held-out prompts (docs/rosi-on-smollm2.md)."""
-    m_h = s.sum_h / s.n_h
-    g = ridge_gram(s, post_weight, ridge, harmful_weight)
-    v = torch.linalg.solve(g, m_h)
-    return v / (m_h @ v)
+    return unit_response_read(s.sum_h / s.n_h, ridge_gram(s, post_weight, ridge, harmful_weight))
 
 
 def gated_update(w, tensor: torch.Tensor, r_hat: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -64,8 +64,13 @@ METHOD_TEXT = {
                         "became `W + alpha * r_hat * v^T`, with a read vector `v` per matrix fitted so that the "
                         "push along the refusal direction `r_hat` fires on harmful inputs and stays near zero on "
                         "harmless ones (the read vectors are in `gates.safetensors`)."),
+    "gated-opening": ("gated opening (no training). A few neurons of one MLP (the last, unless the parameters say "
+                      "otherwise) were rewritten so that, on harmful requests only, each writes one token of a "
+                      "refusal's opening at its step of the reply (`gate_proj`, `up_proj` and `down_proj` of that "
+                      "layer change in those rows/columns; every other tensor is untouched). The gate's read vectors, "
+                      "push directions and strengths are in `opening_gate.safetensors`."),
 }
-CLI_VERB = {"rosi": "rosi", "gated-injection": "inject"}
+CLI_VERB = {"rosi": "rosi", "gated-injection": "inject", "gated-opening": "inject"}
 SET_LABEL = {
     "harmful": "harmful prompts refused (the goal: higher)",
     "harmless": "harmless prompts refused (over-refusal)",
@@ -407,7 +412,17 @@ def _reproduce(m: dict) -> list[str]:
             cmd += ["--layers", ",".join(str(x) for x in params["layers"])]
         if params.get("include_embedding"):
             cmd.append("--include-embedding")
+        if name == "gated-opening":
+            cmd += ["--gate", "opening", "--opening", str(params.get("opening")), "--coverage",
+                    f"{params.get('coverage'):g}", "--opening-layer", str(params.get("layer")),
+                    "--post-weight", f"{params.get('post_weight'):g}", "--ridge", f"{params.get('ridge'):g}",
+                    "--harmful-weight", f"{params.get('harmful_weight'):g}"]
+            if params.get("refusal"):
+                cmd += ["--refusal", str(params["refusal"])]
+            if params.get("borderline_calibration") is False:
+                cmd.append("--no-borderline-calibration")
         if name == "gated-injection":
+            cmd += ["--gate", "linear"]
             # every fit parameter spelled out: inject's defaults have changed between versions
             # (manifests without harmful_weight / cascade were one-shot fits without a harmful weight)
             fit = params.get("fit", "ridge")

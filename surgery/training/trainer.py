@@ -28,9 +28,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..defaults import REFUSAL_TOLERANCE
 from ..evaluation.judges import Judge, MarkerJudge
 from ..evaluation.metrics import first_token_kl, first_token_logprobs, refusal_rate
 from ..model import LoadedModel
+from ..tuning import better_point
 from .data import Example, RefusalData
 
 
@@ -55,7 +57,7 @@ class TrainConfig:
     # 0: keep the validation point with the most harmful refusal within the budgets.  > 0: a point
     # whose harmful refusal is within this much of the kept one's replaces it when it over-refuses
     # less (harmless + borderline); one prompt of 40 is 0.025, so the default forgives two prompts
-    refusal_tolerance: float = 0.05
+    refusal_tolerance: float = REFUSAL_TOLERANCE
     # stop after this many steps (validating there); the learning-rate schedule still spans every epoch,
     # so a run stopped at step n is the same as an unstopped run up to step n
     max_steps: int | None = None
@@ -170,27 +172,8 @@ def _loss(pm, b: dict, kl_weight: float, first: float = 1.0, kind: str = "symmet
     return total, parts
 
 
-_RATE_EPS = 1e-9
-
-
 def _better(p: dict, best: dict | None, cfg: TrainConfig) -> bool:
-    ok = p["harmless_refusal"] <= cfg.max_over_refusal and p["kl"] <= cfg.max_kl
-    if not ok:
-        return False
-    if best is None:
-        return True
-    if cfg.refusal_tolerance > 0:
-        # rates are k/n, so differences carry float rounding (0.75 - 0.8 = -0.050000000000000044,
-        # 0.05 + 0.1 != 0.075 + 0.075): compare them to within _RATE_EPS
-        gain = p["harmful_refusal"] - best["harmful_refusal"]
-        if abs(gain) > cfg.refusal_tolerance + _RATE_EPS:
-            return gain > 0
-        over = p["harmless_refusal"] + p.get("borderline_refusal", 0.0)
-        best_over = best["harmless_refusal"] + best.get("borderline_refusal", 0.0)
-        if abs(over - best_over) > _RATE_EPS:
-            return over < best_over
-    return (p["harmful_refusal"], -p["harmless_refusal"], -p.get("borderline_refusal", 0.0)) > \
-        (best["harmful_refusal"], -best["harmless_refusal"], -best.get("borderline_refusal", 0.0))
+    return better_point(p, best, cfg.max_over_refusal, cfg.max_kl, cfg.refusal_tolerance)
 
 
 def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]], cfg: TrainConfig,
