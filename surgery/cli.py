@@ -185,6 +185,9 @@ def rosi(model, include_embedding, **o):
               help="Opening gate: each token's strength is the smallest that makes it the top token for this share "
                    "of the harmful training prompts (the swept alpha scales these strengths).")
 @click.option("--opening-layer", type=int, default=None, help="Opening gate: the MLP layer (default: the last).")
+@click.option("--continuation", type=click.IntRange(min=0), default=OPENING_DEFAULTS["continuation"], show_default=True,
+              help="Opening gate: tokens of the model's own reply after the opening on which the step reads are "
+                   "fitted to stay shut (0: only the refusal text's).")
 @click.option("--post-weight", type=float, default=INJECT_DEFAULTS["post_weight"], show_default=True,
               help="Weight of harmless post-instruction inputs in the gate fit.")
 @click.option("--ridge", type=float, default=INJECT_DEFAULTS["ridge"], show_default=True,
@@ -202,7 +205,7 @@ def rosi(model, include_embedding, **o):
 @click.option("--cascade/--one-shot", default=None,
               help="Fit each matrix's gate on the inputs it gets once the earlier matrices are edited, refitted per "
                    "strength (default for rank one), or once on the unedited model (default for rank K).")
-def inject(model, gate, opening, refusal, coverage, opening_layer, post_weight, ridge, no_borderline_calibration, rank,
+def inject(model, gate, opening, refusal, coverage, opening_layer, continuation, post_weight, ridge, no_borderline_calibration, rank,
            fit, null_ratio, harmful_weight, cascade, **o):
     """Gated injection without training: edits that fire on harmful prompts only.
 
@@ -214,7 +217,8 @@ def inject(model, gate, opening, refusal, coverage, opening_layer, post_weight, 
 
     extra = {}
     if gate == "opening":
-        extra = {"opening": opening, "refusal": refusal, "coverage": coverage, "opening_layer": opening_layer}
+        extra = {"opening": opening, "refusal": refusal, "coverage": coverage, "opening_layer": opening_layer,
+                 "continuation": continuation}
     _run_edit(run, model, o, gate=gate, post_weight=post_weight, ridge=ridge,
               borderline_calibration=not no_borderline_calibration, rank=rank, fit=fit, null_ratio=null_ratio,
               harmful_weight=harmful_weight, cascade=cascade, **extra)

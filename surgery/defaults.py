@@ -11,7 +11,9 @@ INJECT_DEFAULTS = {"post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0, "c
 # refusal's opening on harmful prompts.  On SmolLM2's validation split (docs/rosi-on-smollm2.md, session 8)
 # it refuses 92.5% of harmful prompts with 2.5% harmless / 10% borderline over-refusal and first-token
 # KL 0.03, where the linear cascade gate tops out near 80% at KL 0.15-0.3.
-OPENING_DEFAULTS = {"gate": "opening", "opening": "I'm sorry, but", "coverage": 0.97, "c": 4.0}
+# continuation: the model's own next 32 tokens after the opening are negatives of the step reads (without
+# them 12 of 40 harmful validation replies repeat the opening, "I'm sorry, but I'm sorry, but…"; with: 3).
+OPENING_DEFAULTS = {"gate": "opening", "opening": "I'm sorry, but", "coverage": 0.97, "c": 4.0, "continuation": 32}
 
 # Every kept-point rule (strength sweeps of rosi/inject, the trainers' validation): a point within this
 # much harmful refusal of the most refusing one is kept instead when it over-refuses less (harmless +

@@ -443,7 +443,7 @@ class Opening(EditMethod):
                  layer: int | None = None, coverage: float = OPENING_DEFAULTS["coverage"],
                  c: float = OPENING_DEFAULTS["c"], post_weight: float = INJECT_DEFAULTS["post_weight"],
                  ridge: float = INJECT_DEFAULTS["ridge"], harmful_weight: float = INJECT_DEFAULTS["harmful_weight"],
-                 borderline_calibration: bool = True):
+                 borderline_calibration: bool = True, continuation: int = OPENING_DEFAULTS["continuation"]):
         from .directions import DEFAULT_REFUSAL
 
         if not 0.0 < coverage <= 1.0:
@@ -452,6 +452,9 @@ class Opening(EditMethod):
             raise SurgeryError(f"gated opening: c must be > 0, got {c}")
         if not harmful_weight >= 0.0 or not ridge > 0.0 or not post_weight >= 0.0:
             raise SurgeryError("gated opening: harmful weight and post weight must be >= 0 and ridge > 0")
+        if continuation < 0:
+            raise SurgeryError(f"gated opening: continuation must be >= 0 tokens, got {continuation}")
+        self.continuation = continuation
         self.opening, self.refusal = opening, refusal if refusal is not None else DEFAULT_REFUSAL
         self.layer, self.coverage, self.c = layer, coverage, c
         self.post_weight, self.ridge, self.harmful_weight = post_weight, ridge, harmful_weight
@@ -465,7 +468,8 @@ class Opening(EditMethod):
         ht, _, harmless, self.calibration = gate_calibration(prompts, self.borderline_calibration)
         self.gate = fit_opening_gate(lm, list(ht.prompts), harmless, self.refusal, self.opening, layer=self.layer,
                                      c=self.c, coverage=self.coverage, post_weight=self.post_weight,
-                                     harmful_weight=self.harmful_weight, ridge=self.ridge, say=say)
+                                     harmful_weight=self.harmful_weight, ridge=self.ridge,
+                                     continuation=self.continuation, say=say)
 
     def in_memory(self, lm, r_hat, alpha):
         from .edits.opening import opening_in_memory
@@ -498,6 +502,7 @@ class Opening(EditMethod):
                 "opening_tokens": g.tokens, "strengths": [round(float(a), 4) for a in g.alphas],
                 "coverage": self.coverage, "coverage_reached": [round(x, 4) for x in g.coverage], "c": g.c,
                 "post_weight": self.post_weight, "ridge": self.ridge, "harmful_weight": self.harmful_weight,
+                "continuation": self.continuation,
                 "borderline_calibration": self.borderline_calibration, "calibration": self.calibration,
                 "gate": "opening_gate.safetensors", "compute_dtype": "float32"}
 
@@ -603,7 +608,7 @@ def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"]
            harmful_weight: float = INJECT_DEFAULTS["harmful_weight"], cascade: bool | None = None,
            opening: str = OPENING_DEFAULTS["opening"], refusal: str | None = None, opening_layer: int | None = None,
            coverage: float = OPENING_DEFAULTS["coverage"], c: float = OPENING_DEFAULTS["c"],
-           **kw) -> HardenResult:
+           continuation: int = OPENING_DEFAULTS["continuation"], **kw) -> HardenResult:
     """Gated injection through :func:`harden`.  ``gate="opening"`` (the default):
     gated neurons writing the refusal's opening (:class:`Opening`); ``"linear"``:
     rank-one (or rank-k) read vectors per residual writer (:class:`Gated`;
@@ -614,7 +619,7 @@ def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"]
         if linear_only:
             raise SurgeryError(f"gated injection: {', '.join(linear_only)} only apply to the linear gate")
         return harden(source, out, Opening(opening, refusal, opening_layer, coverage, c, post_weight, ridge,
-                                           harmful_weight, borderline_calibration), **kw)
+                                           harmful_weight, borderline_calibration, continuation), **kw)
     if gate != "linear":
         raise SurgeryError(f"gated injection: gate must be opening or linear, got {gate!r}")
     if cascade is None:

@@ -167,3 +167,34 @@ def test_opening_gate_needs_a_gated_mlp(tmp_path):
     harmful, harmless = _calibration()
     with pytest.raises(SurgeryError, match="gated MLP"):
         fit_opening_gate(lm, harmful, harmless, DEFAULT_REFUSAL, OPENING)
+
+
+def test_own_continuation_is_greedy_and_shuts_the_step_reads(fitted):
+    """``own_continuation`` is the model's greedy reply after the opening (checked
+    against an argmax loop), and fitting on it as a negative changes the step reads
+    only (the harm read does not see it)."""
+    from surgery.activations import encode
+    from surgery.edits.opening import own_continuation
+
+    lm, gate = fitted
+    harmful, harmless = _calibration()
+    tok = lm.tokenizer
+    texts = [format_chat(tok, p) for p in harmful[:3]]
+    got = own_continuation(lm, texts, gate.tokens, 5)
+    eos = lm.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for text, cont in zip(texts, got):
+        ids = list(gate.tokens)
+        want = []
+        with torch.no_grad():
+            for _ in range(5):
+                b = encode(lm, [text], suffixes=[ids])
+                nxt = int(lm.model(**b).logits[0, -1].argmax())
+                if nxt in eos:
+                    break
+                want.append(nxt)
+                ids.append(nxt)
+        assert cont == want
+    other = fit_opening_gate(lm, harmful, harmless, DEFAULT_REFUSAL, OPENING, coverage=0.9, continuation=0)
+    torch.testing.assert_close(other.u, gate.u)
+    assert (other.w - gate.w).norm() > 1e-3 * gate.w.norm()

@@ -430,13 +430,13 @@ def test_rebuilt_inject_command_for_the_opening_gate():
     from surgery.release.card import _reproduce
 
     params = {"alpha": 1.25, "layer": 3, "opening": "I'm sorry, but", "refusal": "I'm sorry, but no.",
-              "coverage": 0.9, "post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0}
+              "coverage": 0.9, "post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0, "continuation": 16}
     m = {"method": {"name": "gated-opening", "parameters": params}, "input": {"source": "smollm2"}, "direction": None}
     line = next(l for l in "\n".join(_reproduce(m)).splitlines() if l.startswith("surgery inject"))
     ctx = cli.commands["inject"].make_context("inject", shlex.split(line)[2:])
     assert ctx.params["direction_file"] is None and ctx.params["gate"] == "opening"
     for k, v in {"alpha": 1.25, "opening_layer": 3, "opening": "I'm sorry, but", "refusal": "I'm sorry, but no.",
-                 "coverage": 0.9, "post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0}.items():
+                 "coverage": 0.9, "post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0, "continuation": 16}.items():
         assert ctx.params[k] == v, (k, line)
 
 

@@ -50,6 +50,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..activations import batches, encode
+from ..defaults import INJECT_DEFAULTS, OPENING_DEFAULTS
 from ..errors import SurgeryError
 from ..model import LoadedModel, patched_weights
 from ..prompts import format_chat
@@ -106,18 +107,23 @@ def final_head(lm: LoadedModel):
 
 @torch.no_grad()
 def capture(lm: LoadedModel, layer: int, texts: Sequence[str], suffix: Sequence[int] | None = None,
-            batch_size: int = 32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per text (chat-formatted, plus ``suffix`` token ids): the MLP input of
-    ``layer`` and the layer's output at every real position, float64."""
+            batch_size: int = 32, suffixes: Sequence[Sequence[int]] | None = None
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per text (chat-formatted, plus ``suffix`` token ids, or its own
+    ``suffixes[i]``): the MLP input of ``layer`` and the layer's output at every
+    real position, float64."""
     mlp, _ = mlp_of(lm, layer)
     cap = {}
     h1 = mlp.register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0]))
     h2 = lm.layers()[layer].register_forward_hook(
         lambda m, a, o: cap.__setitem__("h", o[0] if isinstance(o, tuple) else o))
     xs, hs = [], []
+    if suffixes is None:
+        suffixes = [list(suffix or [])] * len(texts)
     try:
-        for chunk in batches(list(texts), batch_size):
-            b = encode(lm, chunk, suffixes=None if suffix is None else [list(suffix)] * len(chunk))
+        for i0 in range(0, len(texts), batch_size):
+            chunk = list(texts[i0:i0 + batch_size])
+            b = encode(lm, chunk, suffixes=[list(x) for x in suffixes[i0:i0 + batch_size]])
             lm.model(**b, use_cache=False)
             mask = b["attention_mask"].bool()
             for i in range(len(chunk)):
@@ -168,6 +174,26 @@ def push_directions(lm: LoadedModel, h_steps: Sequence[torch.Tensor], tokens: Se
             raise SurgeryError(f"gated opening: token {t} cannot be raised at its step (zero gradient)")
         out.append(g / g.norm())
     return torch.stack(out)
+
+
+@torch.no_grad()
+def own_continuation(lm: LoadedModel, texts: Sequence[str], opening: Sequence[int], n: int,
+                     batch_size: int = 32) -> list[list[int]]:
+    """The model's own greedy ``n`` tokens after ``opening`` (token ids) on each
+    chat-formatted text (cut at the end-of-sequence token)."""
+    tok = lm.tokenizer
+    eos = lm.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    out = []
+    for i0 in range(0, len(texts), batch_size):
+        chunk = list(texts[i0:i0 + batch_size])
+        b = encode(lm, chunk, suffixes=[list(opening)] * len(chunk))
+        gen = lm.model.generate(**b, max_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                pad_token_id=tok.pad_token_id, eos_token_id=eos)
+        for row in gen[:, b["input_ids"].shape[1]:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+            out.append(row[:cut])
+    return out
 
 
 @torch.no_grad()
@@ -242,12 +268,16 @@ def calibrate(lm: LoadedModel, gate: OpeningGate, x_steps: Sequence[torch.Tensor
 
 @torch.no_grad()
 def fit_opening_gate(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], refusal: str,
-                     opening: str, *, layer: int | None = None, c: float = 4.0, coverage: float = 0.97,
-                     post_positions: int = 5, post_weight: float = 10.0, harmful_weight: float = 3.0,
-                     ridge: float = 0.01, say=None) -> OpeningGate:
+                     opening: str, *, layer: int | None = None, c: float = OPENING_DEFAULTS["c"],
+                     coverage: float = OPENING_DEFAULTS["coverage"], post_positions: int = 5,
+                     post_weight: float = INJECT_DEFAULTS["post_weight"],
+                     harmful_weight: float = INJECT_DEFAULTS["harmful_weight"], ridge: float = INJECT_DEFAULTS["ridge"],
+                     continuation: int = OPENING_DEFAULTS["continuation"], say=None) -> OpeningGate:
     """Fit the gate on calibration prompts (module docstring): ``refusal`` is the
     teacher-forced reply on harmful prompts, ``opening`` its first words (the
-    tokens the neurons write)."""
+    tokens the neurons write).  ``continuation``: that many tokens of the model's
+    own greedy reply after the opening (harmful prompts) are negatives of the step
+    reads too, so a later "I'm" in the reply does not start the opening again."""
     say = say or (lambda m: None)
     tok = lm.tokenizer
     layer = lm.num_layers - 1 if layer is None else layer
@@ -272,7 +302,14 @@ def fit_opening_gate(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence
         raise SurgeryError("gated opening: a harmful calibration prompt is shorter than the post-instruction window")
     steps = [torch.stack([x[start + j] for x in xh]) for j in range(k)]
     post = torch.cat([x[start - post_positions + 1:start] for x in xh])
-    tail = torch.cat([x[start + k:] for x in xh])
+    tail = [x[start + k:] for x in xh]
+    if continuation:
+        # the model's own reply after the opening: the step reads must stay shut there too,
+        # or a later "I'm" in a harmful reply starts the opening again
+        cont = own_continuation(lm, H, toks, continuation)
+        xc, _ = capture(lm, layer, H, suffixes=[list(toks) + c for c in cont])
+        tail += [x[x.shape[0] - len(c) - 1:] for x, c in zip(xc, cont)]
+    tail = torch.cat(tail)
     steps_b = torch.cat([x[-(k + 1):-1] for x in xbo])
     gram_b = _gram(torch.cat(xb))
     gram_sb = _gram(steps_b)

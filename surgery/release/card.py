@@ -416,7 +416,8 @@ def _reproduce(m: dict) -> list[str]:
             cmd += ["--gate", "opening", "--opening", str(params.get("opening")), "--coverage",
                     f"{params.get('coverage'):g}", "--opening-layer", str(params.get("layer")),
                     "--post-weight", f"{params.get('post_weight'):g}", "--ridge", f"{params.get('ridge'):g}",
-                    "--harmful-weight", f"{params.get('harmful_weight'):g}"]
+                    "--harmful-weight", f"{params.get('harmful_weight'):g}",
+                    "--continuation", str(params.get("continuation", 0))]
             if params.get("refusal"):
                 cmd += ["--refusal", str(params["refusal"])]
             if params.get("borderline_calibration") is False:
