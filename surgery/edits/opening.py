@@ -37,9 +37,9 @@ changes, and the checkpoint keeps its architecture.  ``scale`` is what
 Reads are fitted in closed form, as the linear gate's ridge fit: least energy on
 the negative inputs (second moment, plus ``harmful_weight`` times the positives'
 covariance, plus a ridge of ``ridge * trace / d``) subject to a unit mean response
-on the positive ones.  Gated MLPs with separate ``gate_proj``/``up_proj`` and no MLP
-biases (llama, mistral, qwen2/3, olmo2, gemma*) are supported; others get a clear
-error.
+on the positive ones.  Needs a gated MLP with separate ``gate_proj``/``up_proj`` and no
+MLP biases (tested on llama; mistral, qwen2/3, olmo2 and gemma share the module names
+but were not tried); others get a clear error.
 """
 from __future__ import annotations
 
