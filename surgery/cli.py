@@ -215,13 +215,10 @@ def inject(model, gate, opening, refusal, coverage, opening_layer, continuation,
     Without --alpha the strength is swept on the validation split."""
     from .pipeline import inject as run
 
-    extra = {}
-    if gate == "opening":
-        extra = {"opening": opening, "refusal": refusal, "coverage": coverage, "opening_layer": opening_layer,
-                 "continuation": continuation}
     _run_edit(run, model, o, gate=gate, post_weight=post_weight, ridge=ridge,
               borderline_calibration=not no_borderline_calibration, rank=rank, fit=fit, null_ratio=null_ratio,
-              harmful_weight=harmful_weight, cascade=cascade, **extra)
+              harmful_weight=harmful_weight, cascade=cascade, opening=opening, refusal=refusal, coverage=coverage,
+              opening_layer=opening_layer, continuation=continuation)
 
 
 @main.command("eval")

@@ -622,6 +622,13 @@ def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"]
                                            harmful_weight, borderline_calibration, continuation), **kw)
     if gate != "linear":
         raise SurgeryError(f"gated injection: gate must be opening or linear, got {gate!r}")
+    opening_only = [n for n, set_ in (("opening", opening != OPENING_DEFAULTS["opening"]), ("refusal", refusal is not None),
+                                      ("opening_layer", opening_layer is not None),
+                                      ("coverage", coverage != OPENING_DEFAULTS["coverage"]),
+                                      ("c", c != OPENING_DEFAULTS["c"]),
+                                      ("continuation", continuation != OPENING_DEFAULTS["continuation"])) if set_]
+    if opening_only:
+        raise SurgeryError(f"gated injection: {', '.join(opening_only)} only apply to the opening gate")
     if cascade is None:
         cascade = INJECT_DEFAULTS["cascade"] and rank == 1
     return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration, rank, fit, null_ratio,

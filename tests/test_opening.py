@@ -157,7 +157,9 @@ def test_opening_gate_errors(tmp_path, tiny_chat):
         inject(str(tiny_chat), tmp_path / "o1", direction_file=tmp_path / "d.safetensors", prompts=SMALL, run_eval=False)
     with pytest.raises(SurgeryError, match="rank.*only apply to the linear gate"):
         inject(str(tiny_chat), tmp_path / "o2", rank=2, prompts=SMALL, run_eval=False)
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    with pytest.raises(SurgeryError, match="coverage.*only apply to the opening gate"):
+        inject(str(tiny_chat), tmp_path / "o3", gate="linear", coverage=0.5, prompts=SMALL, run_eval=False)
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
 
 
 def test_opening_gate_needs_a_gated_mlp(tmp_path):

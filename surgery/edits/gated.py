@@ -211,8 +211,14 @@ def ridge_gram(s: GateStats, post_weight: float = 1.0, ridge: float = 1e-2, harm
     post-instruction positions weighted by ``post_weight``), plus the harmful
     prompts' covariance weighted by ``harmful_weight``, + ``ridge * trace / d``."""
     g = s.gram_b / s.n_b + post_weight * s.gram_b_post / s.n_b_post
+    return penalised_gram(g, harmful_covariance(s) if harmful_weight else None, harmful_weight, ridge)
+
+
+def penalised_gram(g: torch.Tensor, harmful_cov: torch.Tensor | None, harmful_weight: float, ridge: float) -> torch.Tensor:
+    """``g + harmful_weight * harmful_cov + ridge * trace / d * I`` (the trace after
+    the covariance is added): the energy every ridge-type read fit minimises."""
     if harmful_weight:
-        g = g + harmful_weight * harmful_covariance(s)
+        g = g + harmful_weight * harmful_cov
     d = g.shape[0]
     return g + ridge * torch.trace(g) / d * torch.eye(d, dtype=g.dtype)
 

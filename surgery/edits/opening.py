@@ -49,15 +49,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..activations import batches, encode
+from ..activations import encode
 from ..defaults import INJECT_DEFAULTS, OPENING_DEFAULTS
 from ..errors import SurgeryError
 from ..model import LoadedModel, patched_weights
 from ..prompts import format_chat
-from .gated import unit_response_read
+from .gated import penalised_gram, unit_response_read
 
-# strengths tried by the calibration, as multiples of the mean residual norm at the step positions
 MLP_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+# strengths tried by the calibration, as multiples of the mean residual norm at the step positions
 STRENGTH_GRID = tuple(round(0.02 * 1.25 ** i, 4) for i in range(27))  # 0.02 ... about 4.5
 
 
@@ -139,13 +139,8 @@ def read_vector(pos: torch.Tensor, neg_gram: torch.Tensor, harmful_weight: float
     """Least ``v^T G v`` subject to ``mean(pos) . v = 1``, ``G = neg_gram +
     harmful_weight * Cov(pos) + ridge * trace / d * I`` (float64)."""
     m = pos.mean(0)
-    g = neg_gram.clone()
-    if harmful_weight:
-        pc = pos - m
-        g = g + harmful_weight * pc.T @ pc / pos.shape[0]
-    dim = g.shape[0]
-    g = g + ridge * torch.trace(g) / dim * torch.eye(dim, dtype=g.dtype)
-    return unit_response_read(m, g)
+    cov = _gram(pos - m) if harmful_weight else None
+    return unit_response_read(m, penalised_gram(neg_gram, cov, harmful_weight, ridge))
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -199,14 +194,17 @@ def own_continuation(lm: LoadedModel, texts: Sequence[str], opening: Sequence[in
 @torch.no_grad()
 def least_used_neurons(lm: LoadedModel, layer: int, texts: Sequence[str], k: int) -> list[int]:
     """The ``k`` neurons of ``layer``'s MLP whose output matters least on ``texts``
-    (mean |activation| over real positions x norm of their down column)."""
+    (mean |activation| over real positions x norm of their down column).  The texts
+    are encoded as given: ``fit_opening_gate`` passes the raw harmless prompts, not
+    chat-formatted, which is what every measured edit used (chat-formatted prompts
+    pick other neurons on SmolLM2: 4 of 5 differ, not measured in generation)."""
     mlp, _ = mlp_of(lm, layer)
     total, count = 0, 0
     cap = {}
     h = mlp.register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0]))
     try:
-        for chunk in batches(list(texts), 32):
-            b = encode(lm, chunk)
+        for i0 in range(0, len(texts), 32):
+            b = encode(lm, list(texts[i0:i0 + 32]))
             lm.model(**b, use_cache=False)
             x = cap["x"]
             a = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).abs()
@@ -219,10 +217,6 @@ def least_used_neurons(lm: LoadedModel, layer: int, texts: Sequence[str], k: int
     return score.argsort()[:k].tolist()
 
 
-def _act(mlp, z: torch.Tensor) -> torch.Tensor:
-    return mlp.act_fn(z)
-
-
 @torch.no_grad()
 def layer_output(mlp, x: torch.Tensor, h: torch.Tensor, gate: OpeningGate, scale: float,
                  alphas: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,10 +225,10 @@ def layer_output(mlp, x: torch.Tensor, h: torch.Tensor, gate: OpeningGate, scale
     gate's K neurons in."""
     W = {n: getattr(mlp, n).weight.detach().float().cpu() for n in MLP_WEIGHTS}
     idx = gate.neurons
-    old = _act(mlp, x @ W["gate_proj"][idx].T) * (x @ W["up_proj"][idx].T)  # (n, K)
+    old = mlp.act_fn(x @ W["gate_proj"][idx].T) * (x @ W["up_proj"][idx].T)  # (n, K)
     h = h - old @ W["down_proj"][:, idx].T
     a = gate.alphas if alphas is None else alphas
-    new = _act(mlp, gate.c * (x @ gate.u))[:, None] * (x @ gate.w.T) / gate.act_c  # (n, K)
+    new = mlp.act_fn(gate.c * (x @ gate.u))[:, None] * (x @ gate.w.T) / gate.act_c  # (n, K)
     return h + scale * (new * a[None]) @ gate.d
 
 
