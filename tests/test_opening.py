@@ -79,7 +79,36 @@ def test_calibration_closed_form_is_the_edited_layer_output(fitted):
     """``layer_output`` (what the strengths are calibrated on) equals the edited
     model's layer output, and the coverage it reports is the edited model's share of
     harmful prompts whose top token at step j is t_j (teacher forced)."""
-    lm, gate = fitted
+    _check_closed_form(*fitted)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma"])
+def test_closed_form_holds_on_other_gated_architectures(tmp_path, model_type):
+    """The same exactness on the other architectures whose MLP output is added to
+    the stream as it is (gemma: GELU gate, (1 + w) norms, scaled embeddings)."""
+    from tiny_chat import make_tiny_chat_model
+
+    lm = load_model(make_tiny_chat_model(tmp_path / model_type, model_type=model_type))
+    harmful, harmless = _calibration()
+    gate = fit_opening_gate(lm, harmful, harmless, DEFAULT_REFUSAL, OPENING, coverage=0.9)
+    assert gate.act_c == pytest.approx(float(mlp_of(lm, gate.layer)[0].act_fn(torch.tensor(gate.c))), rel=1e-6)
+    _check_closed_form(lm, gate)
+
+
+@pytest.mark.parametrize("model_type", ["olmo2", "gemma2", "gemma3_text"])
+def test_sandwich_norm_mlps_are_refused(tmp_path, model_type):
+    """A post-MLP norm rescales the gate's write with every other neuron's output, so
+    the closed-form calibration would be wrong (measured: coverage 0-33% where it
+    reported its target); these models get a clear error before any capture."""
+    from tiny_chat import make_tiny_chat_model
+
+    lm = load_model(make_tiny_chat_model(tmp_path / model_type, model_type=model_type))
+    harmful, harmless = _calibration()
+    with pytest.raises(SurgeryError, match=r"normalises the MLP's output \(.*post_feedforward_layernorm"):
+        fit_opening_gate(lm, harmful, harmless, DEFAULT_REFUSAL, OPENING)
+
+
+def _check_closed_form(lm, gate):
     harmful, _ = _calibration()
     tok = lm.tokenizer
     full = tok(DEFAULT_REFUSAL, add_special_tokens=False)["input_ids"]
@@ -162,10 +191,12 @@ def test_opening_gate_errors(tmp_path, tiny_chat):
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
 
 
-def test_opening_gate_needs_a_gated_mlp(tmp_path):
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3", "mixtral"])
+def test_opening_gate_needs_a_gated_mlp(tmp_path, model_type):
+    """Ungated (gpt2), fused gate_up (phi3) and MoE (mixtral) MLPs: a clear error."""
     from tiny_chat import make_tiny_chat_model
 
-    lm = load_model(make_tiny_chat_model(tmp_path / "gpt2", model_type="gpt2"))
+    lm = load_model(make_tiny_chat_model(tmp_path / model_type, model_type=model_type))
     harmful, harmless = _calibration()
     with pytest.raises(SurgeryError, match="gated MLP"):
         fit_opening_gate(lm, harmful, harmless, DEFAULT_REFUSAL, OPENING)

@@ -37,13 +37,17 @@ changes, and the checkpoint keeps its architecture.  ``scale`` is what
 Reads are fitted in closed form, as the linear gate's ridge fit: least energy on
 the negative inputs (second moment, plus ``harmful_weight`` times the positives'
 covariance, plus a ridge of ``ridge * trace / d``) subject to a unit mean response
-on the positive ones.  Needs a gated MLP with separate ``gate_proj``/``up_proj`` and no
-MLP biases (tested on llama; mistral, qwen2/3, olmo2 and gemma share the module names
-but were not tried); others get a clear error.
+on the positive ones.  Needs a gated MLP with separate ``gate_proj``/``up_proj``, no MLP biases, and an
+output added to the residual stream as it is: the calibration's closed form
+(:func:`layer_output`) is exact there (tested on tiny llama, mistral, qwen2, qwen3 and
+gemma models, and on SmolLM2).  Sandwich-norm models (gemma2, gemma3, olmo2) normalise
+the MLP's output before the add, so a neuron's write depends on every other neuron's:
+they get a clear error, as do fused or ungated MLPs (phi3, gpt2, gpt_neox) and MoE.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -55,6 +59,8 @@ from ..errors import SurgeryError
 from ..model import LoadedModel, patched_weights
 from ..prompts import format_chat
 from .gated import penalised_gram, unit_response_read
+
+log = logging.getLogger(__name__)
 
 MLP_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 # strengths tried by the calibration, as multiples of the mean residual norm at the step positions
@@ -92,6 +98,12 @@ def mlp_of(lm: LoadedModel, layer: int):
                            f"{lm.model.config.model_type} has {type(mlp).__name__}")
     if any(getattr(p, "bias", None) is not None for p in parts):
         raise SurgeryError("gated opening: MLP biases are not supported (a replaced neuron's bias would leak)")
+    writers = lm.arch.residual_writers([n for n, _ in lm.model.named_parameters()], lm.model.config)
+    post = next((w.post_norm for w in writers if w.role == "mlp_out" and w.layer == layer and w.post_norm), None)
+    if post is not None:
+        raise SurgeryError(f"gated opening: {lm.model.config.model_type} normalises the MLP's output ({post}) before "
+                           "adding it to the residual stream, so the gate's neurons cannot be calibrated in closed "
+                           "form; use --gate linear")
     prefix = next(n for n, m in lm.model.named_modules() if m is mlp)
     return mlp, prefix
 
@@ -258,6 +270,11 @@ def calibrate(lm: LoadedModel, gate: OpeningGate, x_steps: Sequence[torch.Tensor
                     break
             gate.alphas = a
     gate.coverage = got
+    short = [j for j in range(gate.k) if got[j] < coverage]
+    if short:
+        log.warning("gated opening: at the largest calibrated strength, step(s) %s make their token the top one for "
+                    "only %s of the harmful calibration prompts (target %.0f%%)", short,
+                    ", ".join(f"{got[j]:.0%}" for j in short), 100 * coverage)
 
 
 @torch.no_grad()
