@@ -6,10 +6,12 @@ Without ``--generate``: every candidate of the direction file that the selection
 without generation (``tuning.proxy_metrics``: mean first-token refusal score on
 harmful and harmless prompts, the share whose first token is a refusal, first-token
 KL on harmless).  With ``--generate L``: the usual generation sweep (harmful,
-harmless, borderline refusal; KL) of layer L's candidate at those strengths.
+harmless, borderline refusal; KL) of layer L's candidate at those strengths;
+``--layers`` restricts the edit to some layers (the session-9 layer-range table).
 
     python benchmarks/rosi_layers.py --direction hardened-smollm2/direction.safetensors --alphas 30,40
     python benchmarks/rosi_layers.py --direction hardened-smollm2/direction.safetensors --alphas 30,36,40 --generate 8
+    python benchmarks/rosi_layers.py --direction hardened-smollm2/direction.safetensors --alphas 30,36,42 --generate 5 --layers 0-24
 
 The scan takes about 4 minutes on 2 idle CPU cores; a generation point about a minute.
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 
 from surgery import tuning
+from surgery.cli import _layers
 from surgery.directions import Directions
 from surgery.edits.rosi import rosi_in_memory
 from surgery.evaluation.judges import MarkerJudge
@@ -33,7 +36,11 @@ def main() -> None:
     ap.add_argument("--alphas", default="30,40")
     ap.add_argument("--generate", type=int, default=None, metavar="LAYER",
                     help="generation sweep of this layer's candidate instead of the proxy scan")
+    ap.add_argument("--layers", default=None, help="with --generate: edit only these layers, e.g. 0-24 (default: all)")
     args = ap.parse_args()
+    layers = _layers(args.layers)
+    if layers is not None and args.generate is None:
+        ap.error("--layers goes with --generate")
     alphas = [float(a) for a in args.alphas.split(",")]
     resolved, _, _ = open_model(args.model)
     lm = load_model(resolved.folder)
@@ -45,8 +52,9 @@ def main() -> None:
         cand = next((c for c in dirs.candidates if c.layer == args.generate), None)
         if cand is None:
             raise SystemExit(f"{args.direction}: no candidate at layer {args.generate}")
-        tuning.sweep(lm, lambda a: rosi_in_memory(lm, cand.vector, a), alphas, harmful, harmless, MarkerJudge(), 48,
-                     40, progress=lambda p: print(json.dumps({"layer": cand.layer, **p}), flush=True),
+        tuning.sweep(lm, lambda a: rosi_in_memory(lm, cand.vector, a, layers), alphas, harmful, harmless, MarkerJudge(), 48,
+                     40, progress=lambda p: print(json.dumps({"layer": cand.layer, "edited": args.layers or "all", **p}),
+                                                 flush=True),
                      borderline=list(prompts.val("borderline").prompts))
         return
     data = tuning.proxy_sets(lm, harmful, harmless)
