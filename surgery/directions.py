@@ -46,6 +46,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .activations import add_vector, layer_input_hook, mean_residuals
+from .checkpoint.files import write_atomic, write_text_atomic
 from .evaluation.metrics import kl_div, last_logprobs
 from .errors import DirectionError
 from .model import LoadedModel, patched_weights
@@ -274,13 +275,11 @@ class Directions:
             path = path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         vecs = torch.stack([c.vector.to(torch.float32) for c in self.candidates])
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"directions": vecs.contiguous(), "chosen": self.best.vector.to(torch.float32).contiguous()}, str(tmp),
-                  metadata={"format": "surgery.directions/1"})
-        tmp.replace(path)
+        tensors = {"directions": vecs.contiguous(), "chosen": self.best.vector.to(torch.float32).contiguous()}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "surgery.directions/1"}))
         meta = {"format": "surgery.directions/1", "chosen": self.chosen, "reason": self.reason,
                 "candidates": [c.describe() for c in self.candidates], **self.meta}
-        Path(str(path) + ".json").write_text(json.dumps(meta, indent=2))
+        write_text_atomic(Path(str(path) + ".json"), json.dumps(meta, indent=2))
         return path
 
     @classmethod

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import sha256_file
+from .checkpoint.files import write_text_atomic
 from .errors import ManifestError
 
 MANIFEST = "surgery.json"
@@ -137,11 +138,7 @@ def write_manifest(folder: str | Path, manifest: dict) -> Path:
     folder = Path(folder)
     manifest = dict(manifest)
     manifest["outputs"] = hash_folder(folder)
-    path = folder / MANIFEST
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -162,9 +159,7 @@ def update_manifest(folder: str | Path, **fields) -> dict:
     folder = Path(folder)
     m = read_manifest(folder)
     m.update(fields)
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(m, indent=2) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_text_atomic(folder / MANIFEST, json.dumps(m, indent=2) + "\n")
     return m
 
 

@@ -750,3 +750,24 @@ def test_output_folder_has_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
+    """Every single-file output (artifacts, sidecar JSON, manifests) goes through
+    ``write_atomic``: a failed write leaves the previous content and no temporary
+    file; a successful one replaces it whole."""
+    from surgery.checkpoint.files import write_atomic, write_text_atomic
+
+    target = tmp_path / "direction.safetensors.json"
+    write_text_atomic(target, "old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direction.safetensors.json"]
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1

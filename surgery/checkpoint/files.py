@@ -12,6 +12,9 @@ knows which is which:
   ``.gitattributes``, ONNX exports, our own ``surgery.json``) are never carried
   over.  ``config_updates`` are merged into ``config.json`` on the way.
 * :func:`sha256_file` hashes in chunks (constant memory).
+* :func:`write_atomic` / :func:`write_text_atomic`: every single file the package
+  writes (artifacts, sidecar JSON, manifests, the copied config) goes through a
+  temporary sibling renamed into place, so no reader sees a half-written file.
 
 Every failure is a :class:`~surgery.errors.CheckpointError` with a one-line
 message naming the file; nothing is only logged.
@@ -25,6 +28,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from surgery.errors import CheckpointError
 
@@ -195,9 +199,7 @@ def copy_aux_files(src_folder, dst_folder, config_updates: dict | None = None) -
                 config = load_config(entry)
                 if config_updates:
                     config.update(config_updates)
-                tmp = target.with_name(f".{name}.tmp")
-                tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-                os.replace(tmp, target)
+                write_text_atomic(target, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
             else:
                 shutil.copyfile(entry, target)
         except CheckpointError:
@@ -226,6 +228,26 @@ def load_config(path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a JSON object")
     return config
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` by calling ``write`` on a temporary sibling, then rename it
+    into place (``os.replace``: atomic on one filesystem).  If ``write`` fails the
+    temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`write_atomic` for a UTF-8 text file."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _one_line(e: BaseException) -> str:

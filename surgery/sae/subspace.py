@@ -40,7 +40,7 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint.files import _one_line
+from ..checkpoint.files import _one_line, write_atomic, write_text_atomic
 from .model import SAE, SAEError
 
 FORMAT = "surgery.sae_subspace/1"
@@ -99,13 +99,9 @@ class SafetySubspace:
         tensors = {"U": self.U.float(), "directions": self.directions.float(), "scores": self.scores.float(),
                    "diffs": self.diffs.float(), "singular_values": self.singular_values.float(),
                    "feature_ids": self.feature_ids.long()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
-        meta_path = Path(str(path) + ".json")
-        meta_tmp = Path(str(meta_path) + ".tmp")
-        meta_tmp.write_text(json.dumps(self.describe(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        meta_tmp.replace(meta_path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+        write_text_atomic(Path(str(path) + ".json"), json.dumps(self.describe(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod

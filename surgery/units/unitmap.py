@@ -14,13 +14,13 @@ differ (gemma3 stores ``language_model.model.*``).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from ..checkpoint.files import write_atomic
 from ..errors import SurgeryError
 from .classify import CLASSES, CODE, NAMED, proportions
 
@@ -116,11 +116,9 @@ class UnitMap:
             tensors[f"{k}.utility"] = m.utility.to(torch.float64).contiguous()
             tensors[f"{k}.class"] = m.classes.to(torch.uint8).contiguous()
         meta = {**self.meta, "matrices": [m.describe() for m in self.matrices.values()]}
-        tmp = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta)})
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta)}))
         except OSError as e:
             raise SurgeryError(f"cannot write unit map {path}: {e.strerror or e}") from None
         return path
