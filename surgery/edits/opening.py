@@ -37,8 +37,8 @@ changes, and the checkpoint keeps its architecture.  ``scale`` is what
 Reads are fitted in closed form, as the linear gate's ridge fit: least energy on
 the negative inputs (second moment, plus ``harmful_weight`` times the positives'
 covariance, plus a ridge of ``ridge * trace / d``) subject to a unit mean response
-on the positive ones.  Needs a gated MLP with separate ``gate_proj``/``up_proj``, no MLP biases, and an
-output added to the residual stream as it is: the calibration's closed form
+on the positive ones.  Needs a gated MLP with separate ``gate_proj``/``up_proj``, no
+MLP biases, and an output added to the residual stream as it is: the calibration's closed form
 (:func:`layer_output`) is exact there (tested on tiny llama, mistral, qwen2, qwen3 and
 gemma models, and on SmolLM2).  Sandwich-norm models (gemma2, gemma3, olmo2) normalise
 the MLP's output before the add, so a neuron's write depends on every other neuron's:
@@ -213,7 +213,7 @@ def least_used_neurons(lm: LoadedModel, layer: int, texts: Sequence[str], k: int
     654, 839, 742, 1145, 625) and give the same validation sweep at scales 0.75, 1
     and 1.25 (80/2.5/7.5, 92.5/2.5/10, 92.5/5/12.5; session 9): the calibration takes
     the replaced neurons' own output out, so which little-used ones are replaced
-    hardly matters.  Kept as measured on test."""
+    hardly matters.  The raw prompts stay: the test figures were measured with them."""
     mlp, _ = mlp_of(lm, layer)
     total, count = 0, 0
     cap = {}
