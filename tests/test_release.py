@@ -124,6 +124,7 @@ def test_card_metadata_body_and_verify(out):
     assert _row(body, "perplexity on")[2:4] == ["1.000", "1.166"]
     # what was done, datasets, limits, verify, reproduce
     assert "`alpha` | 4" in body and f"layer {m['direction']['layer']}" in body
+    assert "harmless inputs are pushed as well" in body  # ROSI is not selective: the card says so
     for ds in m["datasets"].values():
         assert ds["sha256"] in body
     assert "markers(18)" in body and "floor" in body and "±22 points with 20 prompts" in body

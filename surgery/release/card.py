@@ -59,7 +59,9 @@ METHOD_TEXT = {
              "projection `W` (the matrices that write the residual stream) became "
              "`W + alpha * r_hat * mean_rows(W)^T`, so each adds `alpha * (mean_rows(W) . x) * r_hat` to its "
              "output: a push along the refusal direction `r_hat`, rank one per matrix. Biases, norms and the "
-             "embedding are untouched unless the parameters say otherwise."),
+             "embedding are untouched unless the parameters say otherwise. The push does not depend on whether "
+             "the request is harmful: harmless inputs are pushed as well, so over-refusal and drift from the "
+             "original rise with `alpha` together with refusal (the evaluation below shows by how much)."),
     "gated-injection": ("gated rank-one injection (experimental). Each residual-stream output projection "
                         "became `W + alpha * r_hat * v^T`, with a read vector `v` per matrix fitted so that the "
                         "push along the refusal direction `r_hat` fires on harmful inputs and stays near zero on "
