@@ -721,8 +721,9 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
              confirm_max_kl, eval_tokens,
              direction_file, sources, no_borderline_calibration, write_out, pick, rule, overwrite, max_shard_size,
              harmful, harmless, borderline, column, revision, allow_pickle, device):
-    """Search gated injection's strength, layer range, gate constraint and rank on the validation split
-    (first-token proxies, then generation on the proxy front); save the Pareto front (JSON + PNG)."""
+    """Search the linear gate's (`inject --gate linear`) strength, layer range, gate constraint and rank on
+    the validation split (first-token proxies, then generation on the proxy front); save the Pareto front
+    (JSON + PNG).  The gated opening, inject's default, has one strength, which `surgery inject` sweeps."""
     from .tuning import apply_tune, parse_rule, tune
 
     _check_choice(pick, rule)
