@@ -164,7 +164,11 @@ def rosi(model, include_embedding, **o):
     """Harden MODEL with ROSI (rank-one safety injection) and write OUT.
 
     Without --alpha, alpha is swept on the validation split (default grid
-    15,20,25,30,33,36,40,45) and chosen within the over-refusal and KL budgets."""
+    15,20,25,30,33,36,40,45) and chosen within the over-refusal and KL budgets.
+
+    ROSI pushes every input along the refusal direction, harmful or not, so
+    over-refusal rises with refusal; `surgery inject` writes an edit that fires
+    on harmful requests only."""
     from .pipeline import rosi as run
 
     _run_edit(run, model, o, include_embedding=include_embedding)
