@@ -129,8 +129,9 @@ def edit_options(f):
                      help="Sweep budget: harmless refusal on validation."),
         click.option("--max-kl", type=float, default=0.3, show_default=True, help="Sweep budget: first-token KL on validation."),
         click.option("--refusal-tolerance", type=click.FloatRange(min=0.0), default=REFUSAL_TOLERANCE, show_default=True,
-                     help="Keep a strength within this much harmful refusal of the most refusing one when it "
-                          "over-refuses less (harmless + borderline, validation); 0: the most refusing."),
+                     help="Walking the sweep in order, a strength replaces the kept one when it refuses more than "
+                          "this much more, or, within this much, over-refuses less (harmless + borderline, "
+                          "validation); 0: the most refusing."),
         click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation."),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end)."),
         click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB."),

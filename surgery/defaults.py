@@ -15,7 +15,7 @@ INJECT_DEFAULTS = {"post_weight": 10.0, "ridge": 0.01, "harmful_weight": 3.0, "c
 # them 12 of 40 harmful validation replies repeat the opening, "I'm sorry, but I'm sorry, but…"; with: 3).
 OPENING_DEFAULTS = {"gate": "opening", "opening": "I'm sorry, but", "coverage": 0.97, "c": 4.0, "continuation": 32}
 
-# Every kept-point rule (strength sweeps of rosi/inject, the trainers' validation): a point within this
-# much harmful refusal of the most refusing one is kept instead when it over-refuses less (harmless +
-# borderline).  SAILS' epoch-2 point and inject's opening gate at scale 1 are such points on SmolLM2.
+# Every kept-point rule (strength sweeps of rosi/inject, the trainers' validation; tuning.better_point):
+# walking the points in order, a point replaces the kept one when it refuses more than this much more,
+# or, within this much, when it over-refuses less (harmless + borderline).  SAILS' epoch-2 point and inject's opening gate at scale 1 are such points on SmolLM2.
 REFUSAL_TOLERANCE = 0.05

@@ -83,6 +83,17 @@ def test_choose_rule_with_refusal_tolerance():
     assert choose(pts, 0.0, 0.3, refusal_tolerance=0.05)[0]["value"] == 0.5
 
 
+def test_choose_tolerance_is_applied_in_sweep_order():
+    """Each point is compared with the one kept so far: 85% (5% over-refusal) is kept
+    over 89% (8%, within the tolerance), then 91% (9%) is 6 points above it and replaces
+    it, although 89% is within 5 points of 91% and over-refuses less.  The README and the
+    option's help describe exactly this walk."""
+    pts = [{"value": v, "harmful_refusal": h, "harmless_refusal": b, "borderline_refusal": 0.0, "kl": 0.1}
+           for v, h, b in ((1.0, 0.85, 0.05), (2.0, 0.89, 0.08), (3.0, 0.91, 0.09))]
+    assert choose(pts, 0.10, 0.3, refusal_tolerance=0.05)[0]["value"] == 3.0
+    assert choose(pts[1:], 0.10, 0.3, refusal_tolerance=0.05)[0]["value"] == 2.0
+
+
 def test_table_and_user_file_split(tmp_path):
     t = format_table({"a": {"harmful_refusal": 0.5, "kl_first_token_harmless": 0.1234}})
     assert "50.0%" in t and "0.123" in t
