@@ -27,7 +27,7 @@ from .errors import PromptError, SurgeryError
 from .evaluation.metrics import evaluate, format_table, summary_row
 from .manifest import build_manifest, update_manifest, write_manifest
 from .model import LoadedModel, load_model
-from .prompts import PromptSet, load_prompts
+from .prompts import PromptSet, builtin_split, load_prompts
 from . import tuning
 
 log = logging.getLogger(__name__)
@@ -638,12 +638,13 @@ def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"]
 def test_sets(prompts: PromptConfig, whole_user_files: bool = False) -> dict[str, PromptSet]:
     """The held-out sets: the built-in sets' test split; for user sources their
     hash-split test part, or the whole source with ``whole_user_files`` (what
-    ``surgery eval`` does: a file given only for evaluation is used entirely)."""
+    ``surgery eval`` does: a file given only for evaluation is used entirely, and
+    a built-in source that names its split, ``builtin:harmful:val``, gets it)."""
     names = ["harmful", "harmless"] + (["borderline"] if prompts.borderline else [])
     sets = {}
     for name in names:
         src = getattr(prompts, name)
-        if whole_user_files and not src.startswith("builtin:"):
+        if whole_user_files and (not src.startswith("builtin:") or builtin_split(src) is not None):
             sets[name] = load_prompts(src, column=prompts.column)
         else:
             sets[name] = prompts.load(name, "test")

@@ -128,3 +128,18 @@ def test_threshold_ceiling_respects_every_budget():
     assert out["harmless"] == pytest.approx(0.1) and out["borderline"] == pytest.approx(0.25)
     # no budget at all: everything may fire
     assert threshold_ceiling(pos, {"harmless": harmless}, {"harmless": 1.0})["share"] == 1.0
+
+
+def test_eval_sets_honour_a_named_builtin_split():
+    """`surgery eval --harmful builtin:harmful:val` evaluates the validation split
+    (it stopped with 'names split val but split=test was also given')."""
+    from surgery.pipeline import test_sets
+    from surgery.prompts import builtin, builtin_split
+
+    assert builtin_split("builtin:harmful:val") == "val" and builtin_split("builtin:harmless[train]") == "train"
+    assert builtin_split("builtin:harmful") is None and builtin_split("prompts.jsonl") is None
+    pc = PromptConfig(harmful="builtin:harmful:val", harmless="builtin:harmless[val]", borderline=None)
+    sets = test_sets(pc, whole_user_files=True)
+    assert sets["harmful"].prompts == builtin("harmful", "val").prompts
+    assert sets["harmless"].prompts == builtin("harmless", "val").prompts
+    assert test_sets(PromptConfig(borderline=None), whole_user_files=True)["harmful"].prompts == builtin("harmful", "test").prompts

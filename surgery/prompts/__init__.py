@@ -34,6 +34,7 @@ __all__ = [
     "PromptSet",
     "load_prompts",
     "builtin",
+    "builtin_split",
     "refusal_texts",
     "format_chat",
     "BUILTIN_SETS",
@@ -392,6 +393,12 @@ def _load_hub(repo_id: str, column: str | None, split: str | None):
     prompts, categories, used = _read_folder(Path(folder), f"Hub dataset {repo_id}", column, split)
     source = f"hf://datasets/{repo_id}" + (f":{used}" if used else "")
     return prompts, categories, source
+
+
+def builtin_split(source: str) -> str | None:
+    """The split a built-in source names (``builtin:harmful:val`` -> ``"val"``), else None."""
+    m = _BUILTIN.match(str(source).strip())
+    return (m["s1"] or m["s2"]) if m else None
 
 
 def _merge_split(source: str, a: str | None, b: str | None) -> str | None:
