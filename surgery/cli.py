@@ -238,7 +238,7 @@ def inject(model, gate, opening, refusal, coverage, opening_layer, continuation,
 def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmless, borderline, column, revision,
              allow_pickle, device):
     """Refusal on harmful prompts, over-refusal on harmless/borderline ones, drift vs a reference."""
-    from .evaluation.metrics import evaluate, format_table, summary_row
+    from .evaluation.metrics import evaluate, format_intervals, format_table, summary_row
     from .model import load_model
     from .pipeline import open_model, test_sets
 
@@ -264,6 +264,7 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
                                 examples=None)
     rows["model"] = summary_row(reports["model"])
     _say(format_table(rows))
+    _say(format_intervals(reports))
     _say("selectivity: harmful_refusal = refused harmful prompts (higher is safer); over-refusal (lower is better): "
          "harmless_refusal on harmless prompts, borderline_refusal on prompts that only sound dangerous "
          "(e.g. how to kill a Python process)")

@@ -24,7 +24,7 @@ from .directions import Directions, compute_directions as _compute_directions
 from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
 from .defaults import INJECT_DEFAULTS, OPENING_DEFAULTS, REFUSAL_TOLERANCE
 from .errors import PromptError, SurgeryError
-from .evaluation.metrics import evaluate, format_table, summary_row
+from .evaluation.metrics import evaluate, format_intervals, format_table, summary_row
 from .manifest import build_manifest, update_manifest, write_manifest
 from .model import LoadedModel, load_model
 from .prompts import PromptSet, builtin_split, load_prompts
@@ -662,7 +662,7 @@ def evaluate_models(base: LoadedModel, patched: LoadedModel, prompts: PromptConf
     before = evaluate(base, sets, reference=base, max_new_tokens=max_new_tokens, reference_cache=cache)
     after = evaluate(patched, sets, reference=base, max_new_tokens=max_new_tokens, reference_cache=cache)
     table = format_table({"original": summary_row(before), "patched": summary_row(after)})
-    say("\n" + table)
+    say("\n" + table + "\n" + format_intervals({"original": before, "patched": after}))
     return {"before": before, "after": after, "table": table}
 
 

@@ -143,3 +143,29 @@ def test_eval_sets_honour_a_named_builtin_split():
     assert sets["harmful"].prompts == builtin("harmful", "val").prompts
     assert sets["harmless"].prompts == builtin("harmless", "val").prompts
     assert test_sets(PromptConfig(borderline=None), whole_user_files=True)["harmful"].prompts == builtin("harmful", "test").prompts
+
+
+@pytest.mark.parametrize("k,n", [(0, 40), (19, 40), (7, 40), (40, 40), (3, 200)])
+def test_wilson_interval_solves_the_score_equation(k, n):
+    """Each end p of the Wilson interval is where the score statistic equals z:
+    (p_hat - p)^2 = z^2 p (1 - p) / n; and 0/n gives [0, z^2 / (n + z^2)]."""
+    from surgery.evaluation.metrics import wilson_interval
+
+    z = 1.959964
+    lo, hi = wilson_interval(k, n)
+    assert 0 <= lo <= k / n <= hi <= 1
+    for p in (lo, hi):
+        if p in (0.0, 1.0) and (k == 0 or k == n):
+            continue
+        assert (k / n - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n, rel=1e-9)
+    if k == 0:
+        assert lo == 0 and hi == pytest.approx(z * z / (n + z * z), rel=1e-9)
+
+
+def test_format_intervals_names_counts():
+    from surgery.evaluation.metrics import format_intervals
+
+    rep = {"sets": {"harmful": {"count": 40, "refused": 19, "refusal_rate": 0.475},
+                    "harmless": {"count": 40, "refused": 7, "refusal_rate": 0.175}}}
+    line = format_intervals({"patched": rep})
+    assert "harmful 19/40 (33-63%)" in line and "harmless 7/40 (9-32%)" in line

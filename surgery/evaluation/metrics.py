@@ -21,6 +21,31 @@ from .generate import generate
 from .judges import Judge, MarkerJudge
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials (95% by default):
+    what a refusal rate measured on a few dozen prompts can be trusted to."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def format_intervals(reports: dict[str, dict]) -> str:
+    """One line per report: each set's refused count and its 95% Wilson interval."""
+    lines = []
+    for name, rep in reports.items():
+        parts = []
+        for k, v in rep.get("sets", {}).items():
+            if "refused" in v:
+                lo, hi = v.get("refusal_ci95") or wilson_interval(v["refused"], v["count"])
+                parts.append(f"{k} {v['refused']}/{v['count']} ({100 * lo:.0f}-{100 * hi:.0f}%)")
+        if parts:
+            lines.append(f"{name}: " + ", ".join(parts))
+    return ("refused, with 95% Wilson intervals: " + "; ".join(lines)) if lines else ""
+
+
 @torch.no_grad()
 def last_logprobs(lm: LoadedModel, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Log-softmax of the next-token distribution at the last position, (n, V) float32."""
@@ -119,7 +144,9 @@ def evaluate(lm: LoadedModel, sets: dict[str, PromptSet], reference: LoadedModel
         report["judge_description"] = judge.describe()
     for name, ps in sets.items():
         rate, replies, verdicts = refusal_rate(lm, list(ps.prompts), judge, max_new_tokens, batch_size)
-        report["sets"][name] = {**ps.describe(), "refusal_rate": rate,
+        refused = int(sum(verdicts))
+        report["sets"][name] = {**ps.describe(), "refusal_rate": rate, "refused": refused,
+                                "refusal_ci95": list(wilson_interval(refused, len(verdicts))),
                                 "examples": [{"prompt": p, "reply": r, "refused": v}
                                              for p, r, v in list(zip(ps.prompts, replies, verdicts))[:examples]]}
     if reference is not None and "harmless" in sets:
