@@ -21,7 +21,7 @@ import argparse
 import json
 
 from surgery import tuning
-from surgery.cli import _layers
+from surgery.architectures import parse_layers
 from surgery.directions import Directions
 from surgery.edits.rosi import rosi_in_memory
 from surgery.evaluation.judges import MarkerJudge
@@ -38,7 +38,7 @@ def main() -> None:
                     help="generation sweep of this layer's candidate instead of the proxy scan")
     ap.add_argument("--layers", default=None, help="with --generate: edit only these layers, e.g. 0-24 (default: all)")
     args = ap.parse_args()
-    layers = _layers(args.layers)
+    layers = parse_layers(args.layers)
     if layers is not None and args.generate is None:
         ap.error("--layers goes with --generate")
     alphas = [float(a) for a in args.alphas.split(",")]

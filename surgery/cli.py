@@ -20,20 +20,13 @@ def _say(msg: str) -> None:
 
 
 def _layers(spec: str | None) -> list[int] | None:
-    """'10-20', '3,5,7', '0-4,9'."""
-    if not spec:
-        return None
-    out: list[int] = []
+    """'10-20', '3,5,7', '0-4,9' (:func:`surgery.architectures.parse_layers`) as a click error."""
+    from .architectures import parse_layers
+
     try:
-        for part in spec.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise click.BadParameter(f"cannot read layer list {spec!r} (use e.g. 0-12 or 3,5,7)") from None
-    return out
+        return parse_layers(spec)
+    except SurgeryError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _floats(spec: str) -> list[float]:

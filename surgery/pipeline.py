@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .architectures import get_architecture
+from .architectures import check_layers, get_architecture
 from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, resolve_model, sha256_file,
                          stream_rewrite)
 from .directions import Directions, compute_directions as _compute_directions
@@ -535,6 +535,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
         d = arch.hidden_size(reader.config)
+        check_layers(getattr(method, "layers", None), arch.num_layers(reader.config), "--layers")
         if direction_file and not method.needs_direction:
             raise SurgeryError(f"{method.name} does not use a refusal direction; drop --direction")
         dirs = Directions.load(direction_file) if direction_file else None

@@ -183,6 +183,9 @@ def test_bad_inputs_fail_cleanly(tmp_path, tiny_chat):
     empty.write_text("\n")
     _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alpha=1.0, direction_file=dfile, run_eval=False,
                                                       prompts=PromptConfig(harmful=str(empty))), "empty")
+    # layers the model does not have (tiny_chat has 2): refused, not silently edited fewer
+    _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, layers=[0, 1, 5], alpha=1.0, direction_file=dfile,
+                                                      run_eval=False, prompts=pc), r"--layers \[5\] out of range")
     # output folder exists
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -228,6 +231,14 @@ def test_cli_error_is_one_line_exit_2(tmp_path, tiny_chat):
     r = CliRunner().invoke(cli, ["rosi", str(tiny_chat), "-o", str(out), "--alpha", "1"])
     assert r.exit_code == 2
     assert r.output.strip().count("\n") == 0 and "output folder exists" in r.output
+
+
+def test_layer_list_parsing():
+    from surgery.architectures import parse_layers
+
+    assert parse_layers("0-2,5") == [0, 1, 2, 5] and parse_layers("") is None and parse_layers(None) is None
+    r = CliRunner().invoke(cli, ["rosi", "smollm2", "-o", "x", "--layers", "0-x"])
+    assert r.exit_code == 2 and "cannot read layer list '0-x'" in r.output
 
 
 def test_rosi_peak_memory_flat_in_layers():

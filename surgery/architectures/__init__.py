@@ -670,6 +670,32 @@ def _load(model_type: str) -> Architecture:
     return arch
 
 
+def parse_layers(spec: str | None) -> list[int] | None:
+    """A layer list as users type it: ``'10-20'``, ``'3,5,7'``, ``'0-4,9'``; None or '' is all layers."""
+    if spec is None or not str(spec).strip():
+        return None
+    out: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ArchitectureError(f"cannot read layer list {spec!r} (use e.g. 0-12 or 3,5,7)") from None
+    return out
+
+
+def check_layers(layers: Iterable[int] | None, num_layers: int, what: str = "layers") -> None:
+    """Refuse layer numbers the model does not have (instead of editing fewer layers than asked)."""
+    if layers is None:
+        return
+    bad = sorted({x for x in layers if not 0 <= x < num_layers})
+    if bad:
+        raise ArchitectureError(f"{what} {bad} out of range (the model has {num_layers} layers, 0-{num_layers - 1})")
+
+
 def get_architecture(config: Any) -> Architecture:
     """The architecture of a transformers config (PretrainedConfig or config.json dict)."""
     model_type = _model_type(config)

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..architectures import check_layers
 from ..errors import SurgeryError
 from ..model import LoadedModel
 
@@ -72,9 +73,7 @@ def find_targets(lm: LoadedModel, spec: LoraSpec) -> list[Target]:
             kinds.add(t)
     n_layers = lm.num_layers
     layers = set(range(n_layers)) if spec.layers is None else set(spec.layers)
-    bad = sorted(x for x in layers if not 0 <= x < n_layers)
-    if bad:
-        raise SurgeryError(f"LoRA layers {bad} out of range (the model has {n_layers} layers)")
+    check_layers(layers, n_layers, "LoRA layers")
     out: list[Target] = []
     found_kinds: set[str] = set()
     for name, info in infos.items():
