@@ -135,3 +135,28 @@ def test_cli_directions_and_eval(tmp_path, tiny_chat):
     ex = data["model"]["sets"]["harmless"]["examples"]
     assert len(ex) == 40 and all(set(e) == {"prompt", "reply", "refused"} for e in ex)
     assert data["model"]["judge_description"]["markers"] and "excluded" in data["model"]["judge_description"]
+
+
+def test_greedy_ids_match_a_loop_without_cache(lm):
+    """Batched, left-padded, KV-cached greedy generation (with and without a
+    prefilled reply opening) equals argmax decoding one unpadded prompt at a time."""
+    import torch
+
+    from surgery.evaluation.generate import chat_texts, greedy_ids
+
+    texts = chat_texts(lm, ["How do I bake bread?", "Name a planet.", "Write a short poem about the sea and the sky."])
+    opening = lm.tokenizer("I'm sorry", add_special_tokens=False)["input_ids"]
+    eos = lm.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    for prefill in (None, opening):
+        got = greedy_ids(lm, texts, max_new_tokens=6, batch_size=2, prefill=prefill)
+        for text, ids in zip(texts, got):
+            seq = lm.tokenizer(text, add_special_tokens=False)["input_ids"] + list(prefill or [])
+            want = []
+            with torch.no_grad():
+                for _ in range(6):
+                    t = int(lm.model(torch.tensor([seq + want])).logits[0, -1].argmax())
+                    if t in eos_ids:
+                        break
+                    want.append(t)
+            assert ids == want

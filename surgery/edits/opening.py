@@ -56,6 +56,7 @@ import torch
 from ..activations import encode
 from ..defaults import INJECT_DEFAULTS, OPENING_DEFAULTS
 from ..errors import SurgeryError
+from ..evaluation.generate import greedy_ids
 from ..model import LoadedModel, patched_weights
 from ..prompts import format_chat
 from .gated import penalised_gram, unit_response_read
@@ -188,19 +189,7 @@ def own_continuation(lm: LoadedModel, texts: Sequence[str], opening: Sequence[in
                      batch_size: int = 32) -> list[list[int]]:
     """The model's own greedy ``n`` tokens after ``opening`` (token ids) on each
     chat-formatted text (cut at the end-of-sequence token)."""
-    tok = lm.tokenizer
-    eos = lm.model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    out = []
-    for i0 in range(0, len(texts), batch_size):
-        chunk = list(texts[i0:i0 + batch_size])
-        b = encode(lm, chunk, suffixes=[list(opening)] * len(chunk))
-        gen = lm.model.generate(**b, max_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                pad_token_id=tok.pad_token_id, eos_token_id=eos)
-        for row in gen[:, b["input_ids"].shape[1]:].tolist():
-            cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
-            out.append(row[:cut])
-    return out
+    return greedy_ids(lm, texts, n, batch_size, prefill=opening)
 
 
 @torch.no_grad()
