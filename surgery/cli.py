@@ -735,7 +735,7 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
     if write_out is not None:
         from .checkpoint import CheckpointWriter
 
-        CheckpointWriter.check_target(write_out, overwrite)
+        CheckpointWriter.check_target(write_out, overwrite, [model, out, direction_file])
     rank_list = [int(x) for x in _floats(ranks)]
     if [float(k) for k in rank_list] != _floats(ranks):
         raise click.BadParameter(f"ranks must be whole numbers, got {ranks!r}", param_hint="--ranks")

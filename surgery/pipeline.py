@@ -73,6 +73,10 @@ class PromptConfig:
         cats = tuple(ps.categories[i] for i in keep) if ps.categories else None
         return PromptSet.from_prompts([ps.prompts[i] for i in keep], f"{ps.source}|split={split}", cats)
 
+    def sources(self) -> list[str]:
+        """The prompt sources (built-in names, files, dataset ids)."""
+        return [s for s in (self.harmful, self.harmless, self.borderline) if s]
+
     def train(self, which: str) -> PromptSet:
         """The training split of ``which``, capped at ``n_train``."""
         ps = self.load(which, "train")
@@ -529,8 +533,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     before the model is loaded."""
     say = _say(say)
     out = Path(out)
-    CheckpointWriter.check_target(out, overwrite)
     prompts = prompts or PromptConfig()
+    CheckpointWriter.check_target(out, overwrite, [source, direction_file, *prompts.sources()])
     alphas = method.default_alphas if alphas is None else alphas
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
@@ -735,7 +739,7 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
     if direction_span not in ("best", "all"):
         raise SurgeryError(f"direction span must be 'best' or 'all', got {direction_span!r}")
     threshold = None if top_k is not None else (sl.DEFAULT_THRESHOLD if threshold is None else float(threshold))
-    CheckpointWriter.check_target(out, overwrite)
+    CheckpointWriter.check_target(out, overwrite, [aligned, base, directions, adapter, finetuned])
 
     with contextlib.ExitStack() as stack:
         res_al, r_al, arch = open_model(aligned, revision, allow_pickle, say)

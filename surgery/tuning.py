@@ -510,10 +510,10 @@ class _AtomicFolder:
     """A temporary sibling folder renamed to ``out`` on success (an existing
     ``out`` is replaced only with ``overwrite``, and only at the end)."""
 
-    def __init__(self, out: Path, overwrite: bool):
+    def __init__(self, out: Path, overwrite: bool, inputs=()):
         from .checkpoint import CheckpointWriter
 
-        CheckpointWriter.check_target(out, overwrite)
+        CheckpointWriter.check_target(out, overwrite, inputs)
         self.out, self.overwrite = out, overwrite
 
     def __enter__(self) -> Path:
@@ -570,7 +570,7 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
     if confirm < 1:
         raise SurgeryError(f"confirm must be at least 1, got {confirm}")
     prompts = prompts or PromptConfig()
-    folder = _AtomicFolder(out, overwrite)  # checks the target now
+    folder = _AtomicFolder(out, overwrite, [source, direction_file, *prompts.sources()])  # checks the target now
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
         num_layers = arch.num_layers(reader.config)
@@ -736,7 +736,7 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
     tune_dir, out = Path(tune_dir), Path(out)
     data = read_tune(tune_dir)
     point, choice = choose_point(data, pick, rule)
-    CheckpointWriter.check_target(out, overwrite)
+    CheckpointWriter.check_target(out, overwrite, [tune_dir, model or (data.get("model") or {}).get("source")])
     params = point["params"]
     fit_rec = data["fits"].get(point["fit_id"])
     if fit_rec is None:

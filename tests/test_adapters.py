@@ -309,3 +309,24 @@ def test_hub_adapter_is_pinned_and_downloaded_with_snapshot_download(tmp_path, m
     assert calls[0]["repo_id"] == "someone/some-lora" and calls[0]["revision"] == "a" * 40
     assert "adapter_model.bin" not in calls[0]["allow_patterns"]
     assert ad.describe()["revision"] == "a" * 40
+
+
+def test_overwrite_never_deletes_an_input(tmp_path):
+    """`-o` naming the input, or a folder holding it, is refused even with
+    --overwrite (it used to replace the folder, deleting the base and the adapter)."""
+    work = tmp_path / "w"
+    src = make_tiny_checkpoint("llama", work / "model")
+    ad = make_peft_adapter("llama", work / "adapter", r=2, lora_alpha=4, target_modules=["down_proj"])
+    (work / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    runner = CliRunner()
+    for out, culprit in ((work, "holds the input"), (src, "is the input"), (ad, "is the input")):
+        r = runner.invoke(cli, ["merge-lora", str(src), "--adapter", str(ad), "-o", str(out), "--overwrite"])
+        assert r.exit_code == 2 and culprit in r.output and r.output.strip().count("\n") == 0, r.output
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+    r = runner.invoke(cli, ["rosi", str(src), "-o", str(work), "--overwrite", "--alpha", "1"])
+    assert r.exit_code == 2 and "holds the input" in r.output
+    # a sibling folder is still replaced with --overwrite
+    (tmp_path / "out").mkdir()
+    r = runner.invoke(cli, ["merge-lora", str(src), "--adapter", str(ad), "-o", str(tmp_path / "out"), "--overwrite"])
+    assert r.exit_code == 0, r.output

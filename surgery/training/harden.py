@@ -93,8 +93,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
 
     say = _say(say)
     out = Path(out)
-    CheckpointWriter.check_target(out, overwrite)
     prompts = prompts or PromptConfig()
+    CheckpointWriter.check_target(out, overwrite, [source, unit_mask, *prompts.sources()])
     config = config or TrainConfig()
     umap = None
     if unit_mask is not None:  # the SSAH "alignment budget": updates only in these units' channels

@@ -131,7 +131,7 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
     say = _say(say)
     out = Path(out)
     classes = tuple(classes) if classes else ("safety-critical",) + (("complex",) if include_complex else ())
-    CheckpointWriter.check_target(out, overwrite)
+    CheckpointWriter.check_target(out, overwrite, [aligned, finetuned, units if not isinstance(units, UnitMap) else None])
     with contextlib.ExitStack() as stack:
         res_al, r_al, arch = open_model(aligned, None, allow_pickle, say)
         stack.callback(r_al.close)
