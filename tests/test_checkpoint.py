@@ -380,6 +380,11 @@ def test_overwrite_replaces_only_at_commit(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    # a folder that is not an earlier output (no surgery.json) is never replaced
+    with pytest.raises(CheckpointError, match="not an earlier surgery output"):
+        rewrite(tmp_path / "src", out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "surgery.json").write_text("{}")
     # a failing overwrite keeps the old folder
     with pytest.raises(RuntimeError):
         with CheckpointReader(tmp_path / "src") as r, CheckpointWriter(out, overwrite=True) as w:

@@ -83,6 +83,10 @@ def build_header(entries: Sequence[tuple[str, str, Sequence[int], int, int]], me
     return len(raw).to_bytes(8, "little") + raw
 
 
+#: files that mark a folder as an earlier surgery output, which ``--overwrite`` may replace
+OUTPUT_MARKERS = ("surgery.json", "tune.json")
+
+
 class CheckpointWriter:
     """Write a sharded safetensors checkpoint atomically (see module docstring)."""
 
@@ -140,6 +144,10 @@ class CheckpointWriter:
                 raise CheckpointError(f"output folder exists: {out}")
             if not out.is_dir() or out.is_symlink():
                 raise CheckpointError(f"output path exists and is not a folder: {out}")
+            if any(out.iterdir()) and not any((out / m).is_file() for m in OUTPUT_MARKERS):
+                raise CheckpointError(f"output folder {out} is not an earlier surgery output (it has no "
+                                      f"{' or '.join(OUTPUT_MARKERS)}): --overwrite replaces only those; "
+                                      "empty it yourself or write to another folder")
 
     # -- lifetime --------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
