@@ -46,7 +46,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .activations import add_vector, layer_input_hook, mean_residuals
-from .checkpoint.files import write_atomic, write_text_atomic
+from .checkpoint.files import save_tensors, write_text_atomic
 from .evaluation.metrics import kl_div, last_logprobs
 from .errors import DirectionError
 from .model import LoadedModel, patched_weights
@@ -268,15 +268,13 @@ class Directions:
 
     def save(self, path: str | Path) -> Path:
         """``path`` (.safetensors) holds the vectors; ``path`` + ``.json`` the metadata."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         vecs = torch.stack([c.vector.to(torch.float32) for c in self.candidates])
         tensors = {"directions": vecs.contiguous(), "chosen": self.best.vector.to(torch.float32).contiguous()}
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "surgery.directions/1"}))
+        save_tensors(tensors, path, {"format": "surgery.directions/1"})
         meta = {"format": "surgery.directions/1", "chosen": self.chosen, "reason": self.reason,
                 "candidates": [c.describe() for c in self.candidates], **self.meta}
         write_text_atomic(Path(str(path) + ".json"), json.dumps(meta, indent=2))

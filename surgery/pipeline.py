@@ -20,6 +20,7 @@ import torch
 from .architectures import check_layers, get_architecture
 from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, resolve_model, sha256_file,
                          stream_rewrite)
+from .checkpoint.files import save_tensors
 from .directions import Directions, compute_directions as _compute_directions
 from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
 from .defaults import INJECT_DEFAULTS, OPENING_DEFAULTS, REFUSAL_TOLERANCE
@@ -420,8 +421,6 @@ class Gated(EditMethod):
                 "calibration": self.calibration, "compute_dtype": "float32"}
 
     def files(self, work: Path) -> dict[str, Path]:
-        from safetensors.torch import save_file
-
         path = work / "gates.safetensors"
         tensors = {k: v.contiguous() for k, v in self.vs.items()}
         meta = {"format": "surgery.gates/1"}
@@ -429,7 +428,7 @@ class Gated(EditMethod):
             # rank k: V per matrix (d_in, k) and the shared R_hat under a name no checkpoint tensor has
             tensors["refusal_basis"] = self.basis.contiguous()
             meta = {"format": "surgery.gates/2", "rank": str(self.rank)}
-        save_file(tensors, str(path), metadata=meta)
+        save_tensors(tensors, path, meta)
         return {"gates.safetensors": path}
 
 
@@ -511,13 +510,11 @@ class Opening(EditMethod):
                 "gate": "opening_gate.safetensors", "compute_dtype": "float32"}
 
     def files(self, work: Path) -> dict[str, Path]:
-        from safetensors.torch import save_file
-
         from .edits.opening import gate_tensors
 
         path = work / "opening_gate.safetensors"
         tensors, meta = gate_tensors(self.gate)
-        save_file(tensors, str(path), metadata=meta)
+        save_tensors(tensors, path, meta)
         return {"opening_gate.safetensors": path}
 
 

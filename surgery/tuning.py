@@ -604,9 +604,7 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
         def get_fit(strength: float, rank: int):
             key = (strength, rank)
             if key not in fits:
-                from safetensors.torch import save_file
-
-                from .checkpoint import sha256_file
+                from .checkpoint.files import save_tensors, sha256_file
 
                 kw = {"post_weight": strength} if space.fit == "ridge" else {"null_ratio": strength}
                 tg = targets.truncate(rank) if rank > 1 else None
@@ -617,8 +615,8 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
                 tensors = {k: v.contiguous() for k, v in vs.items()}
                 if basis is not None:
                     tensors["refusal_basis"] = basis.contiguous()
-                save_file(tensors, str(path), metadata={"format": "surgery.gates/2", "fit": space.fit,
-                                                        "strength": repr(strength), "rank": str(rank)})
+                save_tensors(tensors, path, {"format": "surgery.gates/2", "fit": space.fit, "strength": repr(strength),
+                                             "rank": str(rank)})
                 fit_records[fid] = {"fit": space.fit, STRENGTH_NAMES[space.fit]: strength, "rank": rank,
                                     "ridge": space.ridge, "file": f"fits/{fid}.safetensors", "sha256": sha256_file(path)}
                 fits[key] = (fid, vs, basis)

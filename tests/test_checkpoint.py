@@ -776,3 +776,25 @@ def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direction.safetensors.json"]
     write_text_atomic(target, "new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_save_tensors_is_byte_identical_across_processes(tmp_path):
+    """safetensors writes metadata keys in a per-process random order (a gate file
+    made `surgery reproduce` report DIFFERENT); save_tensors' bytes depend only on
+    the content, and the file reads back the same."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    code = ("import sys, torch; from surgery.checkpoint.files import save_tensors; "
+            "save_tensors({'b': torch.arange(6.).reshape(2, 3), 'a': torch.ones(3, dtype=torch.int64)}, sys.argv[1], "
+            "{k: k * 3 for k in 'edcba'})")
+    files = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == {k: k * 3 for k in "edcba"}
+        assert torch.equal(f.get_tensor("b"), torch.arange(6.).reshape(2, 3))
+        assert torch.equal(f.get_tensor("a"), torch.ones(3, dtype=torch.int64))

@@ -15,6 +15,10 @@ knows which is which:
 * :func:`write_atomic` / :func:`write_text_atomic`: every single file the package
   writes (artifacts, sidecar JSON, manifests, the copied config) goes through a
   temporary sibling renamed into place, so no reader sees a half-written file.
+* :func:`save_tensors`: the package's small safetensors artifacts (directions,
+  gates, unit maps, subspaces, adapters), byte-identical for identical content
+  (``safetensors`` writes metadata keys in a per-process random order, which made
+  ``surgery reproduce`` report a gate file as different), written atomically.
 
 Every failure is a :class:`~surgery.errors.CheckpointError` with a one-line
 message naming the file; nothing is only logged.
@@ -243,6 +247,27 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save`` with a canonical header (keys sorted, compact),
+    so the same tensors and metadata always give the same bytes."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file deterministically (:func:`safetensors_bytes`) and atomically."""
+    data = safetensors_bytes(tensors, metadata)
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint.files import _one_line, write_atomic, write_text_atomic
+from ..checkpoint.files import _one_line, save_tensors, write_text_atomic
 from .model import SAE, SAEError
 
 FORMAT = "surgery.sae_subspace/1"
@@ -90,8 +90,6 @@ class SafetySubspace:
 
     def save(self, path: str | Path) -> Path:
         """``path`` (.safetensors) holds the tensors, ``path`` + ``.json`` the rest."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
@@ -100,7 +98,7 @@ class SafetySubspace:
                    "diffs": self.diffs.float(), "singular_values": self.singular_values.float(),
                    "feature_ids": self.feature_ids.long()}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+        save_tensors(tensors, path, {"format": FORMAT})
         write_text_atomic(Path(str(path) + ".json"), json.dumps(self.describe(), indent=2, ensure_ascii=False) + "\n")
         return path
 

@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from ..checkpoint.files import write_atomic
+from ..checkpoint.files import save_tensors
 from ..errors import SurgeryError
 from .classify import CLASSES, CODE, NAMED, proportions
 
@@ -107,8 +107,6 @@ class UnitMap:
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | Path) -> Path:
         """Write the map atomically (temporary file + rename)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         tensors = {}
         for k, m in self.matrices.items():
@@ -118,7 +116,7 @@ class UnitMap:
         meta = {**self.meta, "matrices": [m.describe() for m in self.matrices.values()]}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta)}))
+            save_tensors(tensors, path, {"format": FORMAT, "meta": json.dumps(meta)})
         except OSError as e:
             raise SurgeryError(f"cannot write unit map {path}: {e.strerror or e}") from None
         return path
