@@ -9,6 +9,7 @@ checked before any expensive work: the output target, the model's architecture
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -533,6 +534,10 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     prompts = prompts or PromptConfig()
     CheckpointWriter.check_target(out, overwrite, [source, direction_file, *prompts.sources()])
     alphas = method.default_alphas if alphas is None else alphas
+    for a in ([alpha] if alpha is not None else []) + list(alphas or []):
+        if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0):
+            raise SurgeryError(f"{method.name}: strength {a!r} must be a finite number >= 0 "
+                               "(a negative one pushes away from refusal)")
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
         d = arch.hidden_size(reader.config)
@@ -542,6 +547,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
         dirs = Directions.load(direction_file) if direction_file else None
         if dirs is not None:
             dirs.check_width(d, f"model {source}")
+            unit(dirs.best.vector)  # a zero or non-finite direction is refused before the model is loaded
         ht, bt, hv, bv = prompts.train_val()  # validates prompt sources before loading the model
         lm = load_model(resolved.folder, device=device)
         # artifacts (direction, gates) are made here, then copied into the checkpoint's own temporary folder
@@ -571,6 +577,11 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
                 best, why = tuning.choose(points, max_over_refusal, max_kl, refusal_tolerance)
                 alpha = best["value"]
                 say(f"alpha = {alpha:g}: {why}")
+                if alpha == 0:  # the unedited model's row: writing it would label an unchanged model hardened
+                    raise SurgeryError(
+                        f"the sweep kept alpha 0, the unedited model (no strength of {list(alphas)} refused more harmful "
+                        f"validation prompts within over-refusal <= {max_over_refusal:.0%} and KL <= {max_kl}); nothing "
+                        "written: try other --alphas, looser budgets, or give --alpha")
             else:
                 why = "given"
             method.finalize(lm, r_hat, alpha, say)

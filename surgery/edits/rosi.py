@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..architectures import WriterTensor
+from ..errors import DirectionError
 from ..model import LoadedModel, patched_weights
 
 
@@ -58,8 +59,13 @@ def rosi_targets(writers: Iterable[WriterTensor], layers: Iterable[int] | None =
 
 
 def unit(direction: torch.Tensor) -> torch.Tensor:
+    """``direction / |direction|``; a zero or non-finite direction is refused (it
+    would write NaN weights)."""
     d = direction.double()
-    return (d / d.norm()).float()
+    n = d.norm()
+    if not (torch.isfinite(n) and n > 0):
+        raise DirectionError(f"the refusal direction has norm {float(n)}: it needs a finite, non-zero vector")
+    return (d / n).float()
 
 
 @contextlib.contextmanager
