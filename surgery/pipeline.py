@@ -29,7 +29,7 @@ from .errors import PromptError, SurgeryError
 from .evaluation.metrics import evaluate, format_intervals, format_table, summary_row
 from .manifest import build_manifest, update_manifest, write_manifest
 from .model import LoadedModel, load_model
-from .prompts import PromptSet, builtin_split, load_prompts
+from .prompts import PromptSet, builtin_split, format_chat, load_prompts
 from . import tuning
 
 log = logging.getLogger(__name__)
@@ -549,7 +549,10 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
             dirs.check_width(d, f"model {source}")
             unit(dirs.best.vector)  # a zero or non-finite direction is refused before the model is loaded
         ht, bt, hv, bv = prompts.train_val()  # validates prompt sources before loading the model
+        if run_eval:
+            test_sets(prompts)  # the evaluation's sets too: a bad one must not fail after the write
         lm = load_model(resolved.folder, device=device)
+        format_chat(lm.tokenizer, "")  # no chat template: refused now, not after the write
         # artifacts (direction, gates) are made here, then copied into the checkpoint's own temporary folder
         with tempfile.TemporaryDirectory(prefix="surgery-") as work:
             tmp_dir = Path(work)

@@ -194,6 +194,17 @@ def test_bad_inputs_fail_cleanly(tmp_path, tiny_chat):
     zfile = zero.save(tmp_path / "z" / "zero.safetensors")
     _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alpha=1.0, direction_file=zfile, run_eval=False,
                                                       prompts=pc), "norm 0.0")
+    # what only the evaluation after the write used to read: a missing borderline file, no chat template
+    _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alpha=1.0, direction_file=dfile, prompts=PromptConfig(
+        n_train=8, n_val=4, borderline=str(tmp_path / "nosuch.jsonl"))), "nosuch.jsonl")
+    plain = tmp_path / "plain"
+    shutil.copytree(src, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tc = json.loads((plain / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tc))
+    _assert_clean_failure(tmp_path, plain, lambda: rosi(str(plain), out, alpha=1.0, direction_file=dfile, prompts=pc),
+                          "no chat template")
     # a sweep that keeps the unedited row (the random model never refuses): nothing written
     _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alphas=[1.0, 2.0], direction_file=dfile,
                                                       run_eval=False, prompts=pc), "kept alpha 0")

@@ -89,7 +89,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
                  say: Say | None = None, progress: bool = True, unit_mask: str | Path | None = None,
                  unit_classes: Sequence[str] = ("redundant",)) -> TrainedResult:
     from ..adapters.peft import load_adapter, merge_edit
-    from ..pipeline import PromptConfig, _say, evaluate_models, input_info, open_model, write_edited
+    from ..pipeline import PromptConfig, _say, evaluate_models, input_info, open_model, test_sets, write_edited
+    from ..prompts import format_chat
 
     say = _say(say)
     out = Path(out)
@@ -107,7 +108,10 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
         train_sets = {k: prompts.train(k) for k in sets}
         val = {k: prompts.val(k) for k in sets}
         harmful, keep = train_sets["harmful"], [train_sets[k] for k in sets[1:]]
+        if run_eval:
+            test_sets(prompts)  # the evaluation's sets too: a bad one must not fail after the write
         lm = load_model(resolved.folder, device=device)
+        format_chat(lm.tokenizer, "")  # no chat template: refused now, not after training
         say(f"refusal data: {len(harmful)} harmful -> refusals, "
             + " + ".join(f"{len(k)} {k.source}" for k in keep) + " -> the model's own replies")
         data = build_refusal_data(lm, harmful, keep, reply_tokens=reply_tokens, own_refusals=own_refusals,
