@@ -87,21 +87,29 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .safetensors file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing direction file (and its .json).")
 @click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),
               help="Candidate sources (repeatable; default: response).")
 @click.option("--rank-by", default="selectivity", type=click.Choice(["selectivity", "bypass", "induce_harmful"]),
               show_default=True)
 @prompt_options
 @model_options
-def directions(model, out, sources, rank_by, harmful, harmless, borderline, column, revision, allow_pickle, device):
+def directions(model, out, overwrite, sources, rank_by, harmful, harmless, borderline, column, revision, allow_pickle,
+               device):
     """Compute refusal-direction candidates for MODEL, score them, pick one."""
+    from .checkpoint.files import check_file_target
     from .model import load_model
     from .pipeline import compute_directions, open_model
 
+    prompts = _prompts(harmful, harmless, borderline, column)
+    out = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")  # what Directions.save writes
+    for path in (out, Path(f"{out}.json")):
+        check_file_target(path, overwrite, [model, *prompts.sources()])
     resolved, reader, _ = open_model(model, revision, allow_pickle, _say)
+    check_file_target(out, overwrite, [resolved.folder])  # a Hub id or GGUF resolves to a local folder too
     reader.close()
     lm = load_model(resolved.folder, device=device)
-    dirs = compute_directions(lm, _prompts(harmful, harmless, borderline, column), sources or ("response",), rank_by, _say)
+    dirs = compute_directions(lm, prompts, sources or ("response",), rank_by, _say)
     path = dirs.save(out)
     _say(f"saved {path} and {path}.json")
 
@@ -118,16 +126,16 @@ def edit_options(f):
         click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),
                      help="Direction candidate sources when computing (default: response)."),
         click.option("--layers", default=None, help="Edit only these layers, e.g. 0-12 (default: all)."),
-        click.option("--max-over-refusal", type=float, default=0.15, show_default=True,
+        click.option("--max-over-refusal", type=click.FloatRange(0.0, 1.0), default=0.15, show_default=True,
                      help="Sweep budget: harmless refusal on validation."),
-        click.option("--max-kl", type=float, default=0.3, show_default=True, help="Sweep budget: first-token KL on validation."),
+        click.option("--max-kl", type=click.FloatRange(min=0.0), default=0.3, show_default=True, help="Sweep budget: first-token KL on validation."),
         click.option("--refusal-tolerance", type=click.FloatRange(min=0.0), default=REFUSAL_TOLERANCE, show_default=True,
                      help="Walking the sweep in order, a strength replaces the kept one when it refuses more than "
                           "this much more, or, within this much, over-refuses less (harmless + borderline, "
                           "validation); 0: the most refusing."),
         click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation."),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end)."),
-        click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB."),
+        click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
     ]):
         f = opt(f)
@@ -179,7 +187,7 @@ def rosi(model, include_embedding, **o):
               help="Opening gate: the words it writes (the first tokens of --refusal).")
 @click.option("--refusal", default=None,
               help="Opening gate: the refusal the gate's reads are fitted on (default: the project's refusal text).")
-@click.option("--coverage", type=float, default=OPENING_DEFAULTS["coverage"], show_default=True,
+@click.option("--coverage", type=click.FloatRange(0.0, 1.0, min_open=True), default=OPENING_DEFAULTS["coverage"], show_default=True,
               help="Opening gate: each token's strength is the smallest that makes it the top token for this share "
                    "of the harmful training prompts (the swept alpha scales these strengths).")
 @click.option("--opening-layer", type=int, default=None, help="Opening gate: the MLP layer (default: the last).")
@@ -188,7 +196,7 @@ def rosi(model, include_embedding, **o):
                    "fitted to stay shut (0: only the refusal text's).")
 @click.option("--post-weight", type=float, default=INJECT_DEFAULTS["post_weight"], show_default=True,
               help="Weight of harmless post-instruction inputs in the gate fit.")
-@click.option("--ridge", type=float, default=INJECT_DEFAULTS["ridge"], show_default=True,
+@click.option("--ridge", type=click.FloatRange(min=0.0, min_open=True), default=INJECT_DEFAULTS["ridge"], show_default=True,
               help="Ridge of the gate fit (relative to the trace).")
 @click.option("--no-borderline-calibration", is_flag=True,
               help="Do not add the borderline training prompts to the harmless calibration set.")
@@ -222,10 +230,10 @@ def inject(model, gate, opening, refusal, coverage, opening_layer, continuation,
 @main.command("eval")
 @click.argument("model")
 @click.option("--reference", default=None, help="Reference model for KL and perplexity (e.g. the original).")
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Write the JSON report here (every reply with its verdict).")
-@click.option("--limit", type=int, default=None, help="At most N prompts per set (a deterministic subset).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per set (a deterministic subset).")
 @prompt_options
 @model_options
 def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmless, borderline, column, revision,
@@ -235,6 +243,9 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
     from .model import load_model
     from .pipeline import open_model, test_sets
 
+    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
+        raise click.BadParameter(f"{json_out}: {'is a folder' if json_out.is_dir() else 'its folder does not exist'}",
+                                 param_hint="--json")
     prompts = _prompts(harmful, harmless, borderline, column)
     sets = test_sets(prompts, whole_user_files=True)
     if limit:
@@ -286,9 +297,9 @@ def verify(folder):
 @click.option("--direction", type=click.Path(path_type=Path), default=None,
               help="Direction file (from `surgery directions`, or a safetensors file with one 1-D tensor): "
                    "report |cos| between each change's leading output direction and it.")
-@click.option("--energy", type=float, default=0.99, show_default=True,
+@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.99, show_default=True,
               help="Rank = singular values needed to reach this fraction of ||dW||_F^2.")
-@click.option("--rank-q", type=int, default=16, show_default=True, help="Singular values computed per tensor.")
+@click.option("--rank-q", type=click.IntRange(min=1), default=16, show_default=True, help="Singular values computed per tensor.")
 @click.option("--json", "json_out", default=None, help="Write every per-tensor record as JSON to FILE ('-': stdout).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG heatmap (layers x modules).")
 @click.option("--revision-a", default=None, help="Hub revision of A.")
@@ -402,7 +413,7 @@ def sae_train(model, layers, out, d_sae, expansion, k, steps, epochs, lr, batch_
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB.")
 def merge_lora(model, adapter, out, adapter_revision, revision, allow_pickle, overwrite, max_shard_size):
     """Merge a PEFT LoRA ADAPTER into MODEL, tensor by tensor, and write OUT (with surgery.json)."""
     from .adapters import merge_adapter
@@ -425,11 +436,11 @@ def merge_lora(model, adapter, out, adapter_revision, revision, allow_pickle, ov
               help="fast: C = V V^T / ||V||_F (the paper's); exact: projector onto V's top singular vectors.")
 @click.option("--energy", type=float, default=0.99, show_default=True, help="Exact projector: energy of V kept.")
 @click.option("--threshold", type=float, default=None, help="Project modules with cosine <= this [default: 0.5].")
-@click.option("--top-k", type=int, default=None, help="Instead: project the K modules with the lowest cosine.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Instead: project the K modules with the lowest cosine.")
 @click.option("--emit-adapter", is_flag=True, help="Write the projected adapter (PEFT format) instead of merging.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB.")
 def safe_lora_cmd(aligned, base, directions_file, direction_span, adapter, finetuned, out, projector, energy, threshold,
                   top_k, emit_adapter, allow_pickle, overwrite, max_shard_size):
     """Safe-LoRA: project poorly aligned fine-tuning updates onto the alignment subspace, then merge into
@@ -607,7 +618,7 @@ def units_cmd(model, out, plot, top, below, redundant, positions, limit, max_new
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
 @click.option("--device", default=None, help="torch device for measuring (default: cuda if available, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB.")
 def protect_cmd(aligned, finetuned, out, units_file, include_complex, top, below, redundant, positions, limit,
                 max_new_tokens, batch_size, allow_pickle, device, overwrite, max_shard_size):
     """Restore the safety-critical units of a fine-tuned model from its aligned parent: each unit's column of
@@ -689,17 +700,17 @@ def _check_choice(pick, rule) -> None:
               help="Gate fit whose constraint strength is searched.")
 @click.option("--strengths", default=None,
               help="Constraint strengths: post weights (ridge) [default: 3,10,30] or null ratios (null) [0.3,0.5,0.7].")
-@click.option("--ridge", type=float, default=0.1, show_default=True, help="Ridge of the gate fit (relative to the trace).")
+@click.option("--ridge", type=click.FloatRange(min=0.0, min_open=True), default=0.1, show_default=True, help="Ridge of the gate fit (relative to the trace).")
 @click.option("--ranks", default="1", show_default=True, help="Ranks to search, e.g. 1,2,4.")
 @click.option("--sampler", type=click.Choice(["grid", "tpe"]), default="grid", show_default=True,
               help="grid: every combination; tpe: Optuna's multi-objective TPE (needs optuna installed).")
-@click.option("--trials", type=int, default=None, help="TPE trials [default: the grid's size].")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="TPE trials [default: the grid's size].")
 @click.option("--seed", type=int, default=0, show_default=True, help="TPE seed.")
-@click.option("--confirm", type=int, default=8, show_default=True,
+@click.option("--confirm", type=click.IntRange(min=1), default=8, show_default=True,
               help="Points of the proxy front confirmed by generation.")
 @click.option("--confirm-max-kl", type=float, default=None,
               help="Confirm only points within this first-token KL (exact at proxy time; default: --rule's kl bound).")
-@click.option("--eval-tokens", type=int, default=48, show_default=True, help="Reply length judged when confirming.")
+@click.option("--eval-tokens", type=click.IntRange(min=1), default=48, show_default=True, help="Reply length judged when confirming.")
 @click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
               help="A direction file from `surgery directions` (default: computed now).")
 @click.option("--source", "sources", multiple=True, type=click.Choice(["prompt", "system", "response"]),
@@ -713,7 +724,7 @@ def _check_choice(pick, rule) -> None:
               help='With --write: e.g. "max refusal with over-refusal <= 0.05 and kl <= 0.2" '
                    "(conditions on over-refusal, borderline, kl joined by and).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT (and the --write folder) if they exist.")
-@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB (--write).")
+@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB (--write).")
 @prompt_options
 @model_options
 def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sampler, trials, seed, confirm,
@@ -760,9 +771,9 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
                    "harmful refusal meeting every condition (over-refusal, borderline, kl; rates as 0.05 or 5%).")
 @click.option("--model", default=None, help="The model tuned, if it moved (its weights must match tune.json).")
 @click.option("--eval", "run_eval", is_flag=True, help="Also evaluate before/after on the test split.")
-@click.option("--eval-tokens", type=int, default=48, show_default=True)
+@click.option("--eval-tokens", type=click.IntRange(min=1), default=48, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=float, default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
 @click.option("--device", default=None, help="torch device for --eval (default: cuda if available, else cpu).")
 def tune_apply_cmd(tune_dir, out, pick, rule, model, run_eval, eval_tokens, overwrite, max_shard_size, allow_pickle,

@@ -4,6 +4,7 @@ selection and its fallback, the artifact round trip, and the CLI verbs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import logging
 
 import pytest
@@ -122,6 +123,16 @@ def test_cli_directions_and_eval(tmp_path, tiny_chat):
     r = runner.invoke(cli, ["directions", str(tiny_chat), "-o", str(out), "--source", "prompt"])
     assert r.exit_code == 0, r.output
     assert out.is_file() and "direction: prompt layer" in r.output
+    # an existing file needs --overwrite; the model's own folder (its weights) is never written to
+    before = out.read_bytes()
+    r = runner.invoke(cli, ["directions", str(tiny_chat), "-o", str(out), "--source", "prompt"])
+    assert r.exit_code == 2 and "output file exists" in r.output and out.read_bytes() == before
+    weights = next(Path(tiny_chat).glob("*.safetensors"))
+    w_before = weights.read_bytes()
+    for target in (weights, Path(tiny_chat) / "new.safetensors"):
+        r = runner.invoke(cli, ["directions", str(tiny_chat), "-o", str(target), "--source", "prompt", "--overwrite"])
+        assert r.exit_code == 2 and "the input" in r.output, r.output
+    assert weights.read_bytes() == w_before and not (Path(tiny_chat) / "new.safetensors").exists()
     rep = tmp_path / "rep.json"
     r = runner.invoke(cli, ["eval", str(tiny_chat), "--reference", str(tiny_chat), "--max-new-tokens", "4",
                             "--json", str(rep)])

@@ -169,3 +169,23 @@ def test_format_intervals_names_counts():
                     "harmless": {"count": 40, "refused": 7, "refusal_rate": 0.175}}}
     line = format_intervals({"patched": rep})
     assert "harmful 19/40 (33-63%)" in line and "harmless 7/40 (9-32%)" in line
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (["eval", "m", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["eval", "m", "--limit", "0"], "--limit"),
+    (["eval", "m", "--json", "no/such/dir/r.json"], "--json"),
+    (["rosi", "m", "-o", "o", "--max-shard-size", "0"], "--max-shard-size"),
+    (["rosi", "m", "-o", "o", "--max-over-refusal", "1.5"], "--max-over-refusal"),
+    (["merge-lora", "m", "--adapter", "a", "-o", "o", "--max-shard-size", "-1"], "--max-shard-size"),
+    (["tune", "m", "-o", "o", "--confirm", "0"], "--confirm"),
+])
+def test_numeric_options_are_checked_before_any_work(args, culprit):
+    """Zero or negative counts gave transformers tracebacks (or, for --limit 0,
+    silently every prompt); now a one-line usage error naming the option."""
+    from click.testing import CliRunner
+
+    from surgery.cli import main as cli
+
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and culprit in r.output and "Traceback" not in r.output, r.output

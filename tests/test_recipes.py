@@ -158,7 +158,7 @@ def test_wrong_type_names_key_expected_type_and_line(line, expects, got):
 
 def test_integer_and_choice_keys_of_other_verbs():
     text = "surgery: 1\nsteps:\n  - eval:\n      model: m\n      limit: 2.5\n"
-    assert _err(text) == "r.yaml:5: step 1 (eval): 'limit' must be an integer, got 2.5"
+    assert _err(text) == "r.yaml:5: step 1 (eval): 'limit' must be an integer (x>=1), got 2.5"
     text = "surgery: 1\nsteps:\n  - directions: {model: m, out: o,\n      rank-by: best}\n"
     assert _err(text) == ("r.yaml:4: step 1 (directions): 'rank-by' must be one of selectivity, bypass, "
                           "induce_harmful, got 'best'")

@@ -249,6 +249,25 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def check_file_target(path: str | Path, overwrite: bool = False, inputs=()) -> None:
+    """Raise CheckpointError now if writing the single file ``path`` would replace
+    a file without ``overwrite``, or land on or inside an input (a model folder, an
+    input file): inputs are never modified."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"output path is a folder: {path} (give a file name)")
+    real = Path(os.path.realpath(path.expanduser()))
+    for src in inputs:
+        if src is None or not isinstance(src, (str, os.PathLike)) or not os.path.exists(src):
+            continue
+        inp = Path(os.path.realpath(Path(src).expanduser()))
+        if real == inp or inp in real.parents:
+            raise CheckpointError(f"output file {path} would {'replace' if real == inp else 'go inside'} the input "
+                                  f"{src}; write it elsewhere")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"output file exists: {path} (use --overwrite to replace it)")
+
+
 def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
     """``safetensors.torch.save`` with a canonical header (keys sorted, compact),
     so the same tensors and metadata always give the same bytes."""
