@@ -502,3 +502,17 @@ def test_format_chat_broken_template(tokenizer):
     with pytest.raises(PromptError) as e:
         format_chat(tokenizer, "Hi")
     assert_one_line_error(e, "template is broken")
+
+
+def test_prompts_keep_unicode_line_separators(tmp_path):
+    """U+2028 (which json.dumps(ensure_ascii=False) leaves unescaped), form feeds and
+    vertical tabs are characters of a prompt, not line breaks, in JSONL, TXT and CSV."""
+    import json as _json
+
+    odd = "first part\u2028second part\x0cthird\x0bfourth"
+    (tmp_path / "p.jsonl").write_text(_json.dumps({"prompt": odd}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "p.txt").write_text(odd + "\r\nnext prompt\n", encoding="utf-8")
+    (tmp_path / "p.csv").write_text('prompt\n"' + odd + '"\n"with\nnewline"\n', encoding="utf-8")
+    assert load_prompts(str(tmp_path / "p.jsonl")).prompts == (odd,)
+    assert load_prompts(str(tmp_path / "p.txt")).prompts == (odd, "next prompt")
+    assert load_prompts(str(tmp_path / "p.csv")).prompts == (odd, "with\nnewline")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -204,9 +205,16 @@ def _read_text(path: Path) -> str:
         raise PromptError(f"{path}: cannot read ({_one_line(exc)})") from None
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at newlines only (``read_text`` already turned CRLF / CR into
+    ``\n``): ``str.splitlines`` also splits at U+2028, form feeds and the like,
+    which may sit inside a prompt (JSON writes U+2028 unescaped)."""
+    return text.split("\n")
+
+
 def _read_jsonl(path: Path) -> list[_Record]:
     records = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(_lines(_read_text(path)), 1):
         if not line.strip():
             continue
         try:
@@ -233,7 +241,7 @@ def _read_csv(path: Path) -> list[_Record]:
     text = _read_text(path)
     if not text.strip():
         return []
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         if not reader.fieldnames:
             return []
@@ -246,7 +254,7 @@ def _read_csv(path: Path) -> list[_Record]:
 
 
 def _read_txt(path: Path) -> list[_Record]:
-    return [(f"line {n}", line) for n, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
+    return [(f"line {n}", line) for n, line in enumerate(_lines(_read_text(path)), 1) if line.strip()]
 
 
 def _read_parquet(path: Path) -> list[_Record]:
