@@ -297,9 +297,9 @@ def verify(folder):
 @click.option("--direction", type=click.Path(path_type=Path), default=None,
               help="Direction file (from `surgery directions`, or a safetensors file with one 1-D tensor): "
                    "report |cos| between each change's leading output direction and it.")
-@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.99, show_default=True,
+@click.option("--energy", type=float, default=0.99, show_default=True,
               help="Rank = singular values needed to reach this fraction of ||dW||_F^2.")
-@click.option("--rank-q", type=click.IntRange(min=1), default=16, show_default=True, help="Singular values computed per tensor.")
+@click.option("--rank-q", type=int, default=16, show_default=True, help="Singular values computed per tensor.")
 @click.option("--json", "json_out", default=None, help="Write every per-tensor record as JSON to FILE ('-': stdout).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG heatmap (layers x modules).")
 @click.option("--revision-a", default=None, help="Hub revision of A.")

@@ -290,19 +290,53 @@ class Directions:
             raise DirectionError(f"direction file not found: {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
-                vecs = f.get_tensor("directions")
+                names = list(f.keys())
+                if "directions" in names:
+                    vecs = f.get_tensor("directions")
+                    chosen_vec = f.get_tensor("chosen") if "chosen" in names else None
+                elif len(names) == 1:  # a bare vector (or stack of them) saved by another tool
+                    vecs, chosen_vec = f.get_tensor(names[0]), None
+                else:
+                    raise DirectionError(f"direction file {path} has no 'directions' tensor (it holds "
+                                         f"{', '.join(names) or 'no tensors'})")
+        except DirectionError:
+            raise
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
             raise DirectionError(f"cannot read direction file {path}: {e}") from None
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"chosen": 0, "reason": "", "candidates": []}
+        vecs = vecs.reshape(1, -1) if vecs.dim() == 1 else vecs
+        if vecs.dim() != 2 or vecs.shape[0] == 0:
+            raise DirectionError(f"direction file {path}: expected vectors (n, d), got shape {tuple(vecs.shape)}")
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DirectionError(f"cannot read {meta_path}: {' '.join(str(e).split())}") from None
+            if not isinstance(meta, dict):
+                raise DirectionError(f"{meta_path}: expected a JSON object")
+        else:
+            # no sidecar: the file's own 'chosen' vector is the direction (it was candidate 0 before)
+            idx = next((i for i, v in enumerate(vecs) if chosen_vec is not None and torch.equal(v, chosen_vec)), None)
+            if chosen_vec is not None and idx is None:
+                vecs, idx = torch.cat([chosen_vec.reshape(1, -1).to(vecs.dtype), vecs]), 0
+            meta = {"chosen": idx or 0, "reason": "", "candidates": []}
+            log.warning("%s has no %s: using its chosen vector, with no record of its layer or source",
+                        path, meta_path.name)
         descs = meta.get("candidates") or [{} for _ in range(vecs.shape[0])]
         if len(descs) != vecs.shape[0]:
             raise DirectionError(f"{meta_path}: {len(descs)} candidates described but {vecs.shape[0]} vectors stored")
+        chosen = meta.get("chosen", 0)
+        if not isinstance(chosen, int) or not 0 <= chosen < vecs.shape[0]:
+            raise DirectionError(f"{meta_path}: 'chosen' is {chosen!r}, not a candidate index 0-{vecs.shape[0] - 1}")
         cands = []
-        for v, d in zip(vecs, descs):
-            scores = {k: d[k] for k in d if k not in ("source", "layer", "position", "norm")}
-            cands.append(Candidate(d.get("source", "unknown"), int(d.get("layer", -1)), d.get("position", -1), v.double(), scores))
+        try:
+            for v, d in zip(vecs, descs):
+                scores = {k: d[k] for k in d if k not in ("source", "layer", "position", "norm")}
+                cands.append(Candidate(d.get("source", "unknown"), int(d.get("layer", -1)), d.get("position", -1),
+                                       v.double(), scores))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise DirectionError(f"{meta_path}: malformed candidate record ({e})") from None
         extra = {k: v for k, v in meta.items() if k not in ("chosen", "reason", "candidates", "format")}
-        return cls(cands, int(meta.get("chosen", 0)), meta.get("reason", ""), extra)
+        return cls(cands, chosen, meta.get("reason", ""), extra)
 
     def check_width(self, d: int, what: str = "model") -> None:
         if self.best.vector.shape[-1] != d:

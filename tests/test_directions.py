@@ -4,8 +4,8 @@ selection and its fallback, the artifact round trip, and the CLI verbs."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +171,31 @@ def test_greedy_ids_match_a_loop_without_cache(lm):
                         break
                     want.append(t)
             assert ids == want
+
+
+def test_direction_file_without_or_with_a_broken_sidecar(tmp_path):
+    """Without its .json the file's own 'chosen' vector is used (candidate 0 was);
+    a corrupt sidecar or a file of other tensors is a one-line DirectionError; a
+    file holding one bare vector (another tool's) is read as that direction."""
+    from safetensors.torch import save_file
+
+    from surgery.directions import Candidate, Directions
+    from surgery.errors import DirectionError
+
+    cands = [Candidate("response", i, "reply[0:4]", torch.randn(8, dtype=torch.float64)) for i in range(3)]
+    path = Directions(cands, 2, "test").save(tmp_path / "d.safetensors")
+    side = Path(f"{path}.json")
+    good = side.read_text()
+    side.unlink()
+    assert torch.allclose(Directions.load(path).best.vector, cands[2].vector.float().double())
+    for text, match in (("{bad", "cannot read"), (good.replace('"chosen": 2', '"chosen": 5'), "'chosen' is 5"),
+                        ("[1, 2]", "JSON object")):
+        side.write_text(text)
+        with pytest.raises(DirectionError, match=match):
+            Directions.load(path)
+    side.unlink()
+    save_file({"a": torch.ones(8), "b": torch.ones(8)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(DirectionError, match="no 'directions' tensor .*a, b"):
+        Directions.load(tmp_path / "two.safetensors")
+    save_file({"refusal_dir": torch.arange(8.0)}, str(tmp_path / "bare.safetensors"))
+    assert torch.equal(Directions.load(tmp_path / "bare.safetensors").best.vector, torch.arange(8.0).double())
