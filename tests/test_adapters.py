@@ -330,3 +330,25 @@ def test_overwrite_never_deletes_an_input(tmp_path):
     (tmp_path / "out").mkdir()
     r = runner.invoke(cli, ["merge-lora", str(src), "--adapter", str(ad), "-o", str(tmp_path / "out"), "--overwrite"])
     assert r.exit_code == 0, r.output
+
+
+def test_gemma3_multimodal_adapter_merges_like_peft(tmp_path):
+    """PEFT names gemma3's text modules as the in-memory model does (model.language_model.*);
+    the checkpoint stores language_model.model.*: the architecture's alternative spellings map them."""
+    src = make_tiny_checkpoint("gemma3", tmp_path / "src")
+    ad_dir = make_peft_adapter("gemma3", tmp_path / "adapter", r=4, lora_alpha=8,
+                               target_modules=r".*language_model.*\.(q_proj|down_proj)")
+    ad = load_adapter(ad_dir)
+    assert all(m.startswith("model.language_model.") for m in ad.modules)
+    merge_adapter(str(src), ad, tmp_path / "out")
+    ref = peft_merged("gemma3", ad_dir)
+    touched = {m.tensor for m in ad.modules.values()}
+    assert len(touched) == 4 and all(t.startswith("language_model.model.layers.") for t in touched)
+    with CheckpointReader(src) as a, CheckpointReader(tmp_path / "out") as b:
+        for t in a.names:
+            mem = t.replace("language_model.model.", "model.language_model.", 1)
+            if t in touched:
+                torch.testing.assert_close(b.get(t), ref[mem], rtol=1e-5, atol=1e-6, msg=t)
+                assert not torch.equal(b.get(t), a.get(t))
+            else:
+                assert _bytes(a.get(t)) == _bytes(b.get(t)), t

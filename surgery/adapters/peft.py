@@ -32,7 +32,9 @@ Design
   refused with one line naming the field or key.
 * :meth:`LoraAdapter.check_against` maps every module ``X`` to the model tensor
   ``X.weight`` (else, for checkpoints saved without the top-level prefix, e.g.
-  gpt2 on the Hub, with the first name component dropped) and checks shapes --
+  gpt2 on the Hub, with the first name component dropped, else under another
+  spelling the architecture data lists: gemma3's in-memory
+  ``model.language_model.*`` is stored as ``language_model.model.*``) and checks shapes --
   before any work.  As PEFT does at load time, the stored orientation comes from
   the tensor itself: a GPT-2 ``Conv1D`` (layout ``in_out``) is always merged
   transposed, an ``nn.Linear`` never, whatever ``fan_in_fan_out`` says.
@@ -214,10 +216,13 @@ class LoraAdapter:
             return tuple(reader.shape(emb if t == lm_head and t not in present else t))
 
         def resolve(base: str, what: str) -> str:
-            for cand in (base, base.split(".", 1)[1] if "." in base else None):
+            # PEFT names modules as the in-memory model does: the stored name may lack the top-level
+            # prefix (gpt2 on the Hub) or be another spelling the architecture data lists (gemma3)
+            cands = (base, base.split(".", 1)[1] if "." in base else None, *arch.spellings(base))
+            for cand in cands:
                 if cand and cand in present:
                     return cand
-            if tied and emb is not None and base == lm_head:
+            if tied and emb is not None and lm_head in cands:
                 return lm_head  # tied: written anew below
             raise AdapterError(f"adapter {what}: the model in {where} has no tensor {base} (adapter for another model?)")
 
