@@ -159,13 +159,14 @@ class LoraAdapter:
 
     def __init__(self, config: dict, modules: dict[str, LoraModule], replacements: dict[str, str], *,
                  weights: Path, source: str, kind: str = "folder", revision: str | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None):
+                 tensors: dict[str, torch.Tensor] | None = None, overrides: dict[str, torch.Tensor] | None = None):
         self.config = config
         self.modules = modules
         self.replacements = replacements  # model tensor name -> adapter key (full key in the weights file)
         self.weights = weights
         self.source, self.kind, self.revision = source, kind, revision
         self._tensors = tensors  # pickled adapters: everything already in memory
+        self._overrides = dict(overrides or {})  # whole tensors replaced in memory (e.g. projected by Safe-LoRA)
 
     # -- reading ---------------------------------------------------------------
     @property
@@ -174,6 +175,8 @@ class LoraAdapter:
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor of the weights file by its full key (e.g. a whole replacement tensor)."""
+        if key in self._overrides:
+            return self._overrides[key].clone()
         if self._tensors is not None:
             return self._tensors[key].clone()
         from safetensors import safe_open
@@ -188,12 +191,15 @@ class LoraAdapter:
         m = module if isinstance(module, LoraModule) else self.modules[module]
         return m.delta()
 
-    def with_modules(self, modules: Mapping[str, LoraModule]) -> "LoraAdapter":
-        """The same adapter with some modules replaced (e.g. projected by Safe-LoRA)."""
+    def with_modules(self, modules: Mapping[str, LoraModule],
+                     tensors: Mapping[str, torch.Tensor] | None = None) -> "LoraAdapter":
+        """The same adapter with some modules replaced, and some whole tensors (by full
+        key) given new values (e.g. projected by Safe-LoRA)."""
         new = dict(self.modules)
         new.update(modules)
         return LoraAdapter(self.config, new, dict(self.replacements), weights=self.weights, source=self.source,
-                           kind=self.kind, revision=self.revision, tensors=self._tensors)
+                           kind=self.kind, revision=self.revision, tensors=self._tensors,
+                           overrides={**self._overrides, **(tensors or {})})
 
     # -- checking against a model ------------------------------------------------
     def check_against(self, reader) -> MergePlan:
