@@ -245,6 +245,36 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def check_file_targets(targets, overwrite: bool = False, inputs=()) -> None:
+    """Raise CheckpointError now if writing single files is bound to fail or would
+    destroy something, before any work: ``targets`` is ``[(what, path)]`` (``what``
+    names the option, e.g. ``--plot``).  Refused: two targets at one path, a target
+    that is an input (``inputs``: paths or other sources; non-paths skipped), an
+    existing path without ``overwrite`` or that is not a file, a parent folder
+    that cannot be created or written."""
+    seen: dict[str, str] = {}
+    real_inputs = {os.path.realpath(Path(i).expanduser()): str(i) for i in inputs
+                   if isinstance(i, (str, os.PathLike)) and os.path.exists(i)}
+    for what, path in targets:
+        path = Path(path).expanduser()
+        real = os.path.realpath(path)
+        if real in seen:
+            raise CheckpointError(f"{what} {path} is the same file as {seen[real]}: give distinct output paths")
+        seen[real] = f"{what} {path}"
+        if real in real_inputs:
+            raise CheckpointError(f"{what} {path} is the input {real_inputs[real]}: writing it would destroy it")
+        if path.exists() or path.is_symlink():
+            if not path.is_file():
+                raise CheckpointError(f"{what} {path} exists and is not a file")
+            if not overwrite:
+                raise CheckpointError(f"{what} {path} exists (pass --overwrite to replace it)")
+        parent = Path(os.path.abspath(path)).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{what} {path}: cannot write in {parent}")
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """:func:`write_atomic` for a UTF-8 text file."""
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
