@@ -173,13 +173,16 @@ def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, a
 
 def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool = False, extra=None,
                  config_updates: dict | None = None, files: dict[str, bytes | Path] | None = None,
-                 manifest: dict | None = None, max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> list[str]:
+                 manifest: dict | None = None, max_shard_bytes: int = 5_000_000_000, say: Say | None = None,
+                 extra_edited: Sequence[str] = ()) -> list[str]:
     """Stream ``reader`` through ``edit(name, tensor) -> tensor | None`` into ``out``
     (atomic), with the aux files, extra ``files`` and the manifest (written last,
-    hashing every output file).  Every weight edit method writes through here."""
+    hashing every output file).  Every weight edit method writes through here.
+    ``extra_edited``: names of ``extra`` tensors that carry an edit (e.g. an untied
+    lm_head with an adapter's update), counted and recorded with the edited ones."""
     say = _say(say)
     with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as wr:
-        edited = stream_rewrite(reader, wr, edit, extra=extra or None)
+        edited = stream_rewrite(reader, wr, edit, extra=extra or None) + list(extra_edited)
         copy_aux_files(reader.folder, wr.tmp_dir, config_updates)
         for rel, content in (files or {}).items():
             dst = wr.tmp_dir / rel
@@ -909,6 +912,7 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
                 plan = pad.check_against(r_al)
                 edit, more = merge_edit(r_al, pad, plan)
                 write_edited(r_al, out, edit, overwrite=overwrite, extra=more, config_updates=plan.config_updates,
+                             extra_edited=plan.new_edited,
                              files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
         else:
             chosen = {r.tensor for r in rows if r.projected}

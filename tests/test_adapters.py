@@ -352,3 +352,27 @@ def test_gemma3_multimodal_adapter_merges_like_peft(tmp_path):
                 assert not torch.equal(b.get(t), a.get(t))
             else:
                 assert _bytes(a.get(t)) == _bytes(b.get(t)), t
+
+
+def test_tied_lm_head_lora_counts_the_new_lm_head_as_edited(tmp_path, tiny_chat):
+    """A LoRA on the tied lm_head is written as a new lm_head.weight carrying the update: it is an
+    edited tensor (the merge said "0 tensors edited" and the manifest edited.count 0)."""
+    from transformers import AutoModelForCausalLM
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat),
+                   LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "adapter")
+    said = []
+    edited = merge_adapter(str(tiny_chat), str(tmp_path / "adapter"), tmp_path / "out", say=said.append)
+    assert edited == ["lm_head.weight"]
+    assert any("(1 tensors edited)" in s for s in said)
+    m = read_manifest(tmp_path / "out")
+    assert m["edited"]["count"] == 1 and m["edited"]["tensors"] == ["lm_head.weight"]
+    ref = peft_merged(AutoModelForCausalLM.from_pretrained(tiny_chat), tmp_path / "adapter")
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(tmp_path / "out") as b:
+        torch.testing.assert_close(b.get("lm_head.weight"), ref["lm_head.weight"], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(b.get("lm_head.weight"), a.get("model.embed_tokens.weight"))
+        assert _bytes(b.get("model.embed_tokens.weight")) == _bytes(a.get("model.embed_tokens.weight"))

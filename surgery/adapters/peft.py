@@ -149,6 +149,11 @@ class MergePlan:
     config_updates: dict | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def new_edited(self) -> list[str]:
+        """Tensors written anew (untied lm_head) that carry the adapter's update."""
+        return [t for t in self.virtual if t in self.deltas or t in self.replacements]
+
     def source_tensor(self, tensor: str) -> str:
         """The model tensor holding the current value of ``tensor`` (the embedding for a tied lm_head)."""
         return self.virtual.get(tensor, tensor)
@@ -520,6 +525,7 @@ def merge_adapter(source_or_reader, adapter, out, *, overwrite: bool = False, re
                                   extra={"adapter": adapter.describe()})
         edit, extra = merge_edit(reader, adapter, plan)
         return write_edited(reader, out, edit, overwrite=overwrite, extra=extra, config_updates=plan.config_updates,
+                            extra_edited=plan.new_edited,
                             manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
     finally:
         if own:
