@@ -97,16 +97,16 @@ def main(verbose: bool) -> None:
 def directions(model, out, overwrite, sources, rank_by, harmful, harmless, borderline, column, revision, allow_pickle,
                device):
     """Compute refusal-direction candidates for MODEL, score them, pick one."""
-    from .checkpoint.files import check_file_target
+    from .checkpoint.files import check_file_targets
     from .model import load_model
     from .pipeline import compute_directions, open_model
 
     prompts = _prompts(harmful, harmless, borderline, column)
     out = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")  # what Directions.save writes
-    for path in (out, Path(f"{out}.json")):
-        check_file_target(path, overwrite, [model, *prompts.sources()])
+    targets = [("--out", out), ("--out's sidecar", Path(f"{out}.json"))]
+    check_file_targets(targets, overwrite, [model, *prompts.sources()])
     resolved, reader, _ = open_model(model, revision, allow_pickle, _say)
-    check_file_target(out, overwrite, [resolved.folder])  # a Hub id or GGUF resolves to a local folder too
+    check_file_targets(targets, overwrite, [resolved.folder])  # a Hub id or GGUF resolves to a local folder too
     reader.close()
     lm = load_model(resolved.folder, device=device)
     dirs = compute_directions(lm, prompts, sources or ("response",), rank_by, _say)
@@ -573,10 +573,10 @@ def sails(model, sae, sae_layers, k_features, variance, contrast, train_b, **o):
 
 
 def rule_options(f):
-    f = click.option("--batch-size", type=int, default=16, show_default=True)(f)
-    f = click.option("--max-new-tokens", type=int, default=48, show_default=True,
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)(f)
+    f = click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True,
                      help="Length of the model's own replies (utility set).")(f)
-    f = click.option("--limit", type=int, default=None, help="At most N prompts of each set.")(f)
+    f = click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts of each set.")(f)
     f = click.option("--positions", type=click.Choice(["all", "last"]), default="all", show_default=True,
                      help="Tokens attributed: every reply token, or the last prompt token.")(f)
     f = click.option("--redundant", type=float, default=0.3, show_default=True,
@@ -594,17 +594,19 @@ def rule_options(f):
               help="Unit map (safetensors); a JSON summary is written next to it.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG of the class shares per layer "
               "[default: OUT with .png].")
+@click.option("--overwrite", is_flag=True, help="Replace existing OUT, its .json summary and the plot.")
 @rule_options
 @model_options
-def units_cmd(model, out, plot, top, below, redundant, positions, limit, max_new_tokens, batch_size, revision,
-              allow_pickle, device):
+def units_cmd(model, out, plot, overwrite, top, below, redundant, positions, limit, max_new_tokens, batch_size,
+              revision, allow_pickle, device):
     """SSAH units: attribute every MLP neuron and attention channel of MODEL on a safety and a utility set,
-    classify them (safety-critical, utility-critical, complex, redundant) and save the map, its summary and a PNG."""
+    classify them (safety-critical, utility-critical, complex, redundant) and save the map, its summary and a PNG.
+    The three output paths are checked before any work (distinct; existing files only with --overwrite)."""
     from .units import Rules, units
 
     units(model, out, plot=plot, positions=positions, limit=limit, max_new_tokens=max_new_tokens,
           rules=Rules(top, below, redundant), batch_size=batch_size, revision=revision, allow_pickle=allow_pickle,
-          device=device, say=_say)
+          device=device, overwrite=overwrite, say=_say)
 
 
 @main.command("protect")
@@ -622,12 +624,25 @@ def units_cmd(model, out, plot, top, below, redundant, positions, limit, max_new
 def protect_cmd(aligned, finetuned, out, units_file, include_complex, top, below, redundant, positions, limit,
                 max_new_tokens, batch_size, allow_pickle, device, overwrite, max_shard_size):
     """Restore the safety-critical units of a fine-tuned model from its aligned parent: each unit's column of
-    the write matrix and the rows that produce it, copied exactly; everything else is left byte-identical."""
-    from .units import Rules, protect
+    the write matrix and the rows that produce it, copied exactly; everything else is left byte-identical.
 
-    protect(aligned, finetuned, out, units=units_file, include_complex=include_complex, positions=positions,
-            limit=limit, max_new_tokens=max_new_tokens, rules=Rules(top, below, redundant), batch_size=batch_size,
-            overwrite=overwrite, allow_pickle=allow_pickle, device=device,
+    With --units, the map's measurement is used: --positions/--limit/--max-new-tokens/--batch-size are
+    refused, and --top/--below/--redundant, if given, re-classify the map's stored scores (rules not given
+    keep the map's values; the output's units.safetensors is the re-classified map)."""
+    from click.core import ParameterSource
+
+    from .units import protect
+
+    ctx = click.get_current_context()
+
+    def given(name):
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+    rules = {k: v for k, v in (("top", top), ("below", below), ("redundant", redundant)) if given(k)}
+    measure = {k: v for k, v in (("positions", positions), ("limit", limit), ("max_new_tokens", max_new_tokens),
+                                 ("batch_size", batch_size)) if given(k) or units_file is None}
+    protect(aligned, finetuned, out, units=units_file, include_complex=include_complex, rules=rules or None,
+            **measure, overwrite=overwrite, allow_pickle=allow_pickle, device=device,
             max_shard_bytes=int(max_shard_size * 1e9), say=_say)
 
 

@@ -9,9 +9,12 @@ Design
   Hub id, alias) and :class:`CheckpointReader`; one pair of tensors is loaded at a
   time, so memory is about two tensors (plus the float delta), never a model.
 * **Bytes first.**  Equal raw bytes -> ``unchanged``, no arithmetic.  Tensors
-  present on one side only, or with a different shape or dtype, get their own
-  status (``only_a``, ``only_b``, ``shape_mismatch``, ``dtype_mismatch``) and no
-  numbers; nothing about them is an error.
+  present on one side only, or with a different shape, get their own status
+  (``only_a``, ``only_b``, ``shape_mismatch``) and no numbers; nothing about them
+  is an error.  Two floating-point dtypes (a checkpoint cast to bfloat16) are
+  compared by value like any pair (``changed`` with numbers, or ``unchanged`` for
+  an exact cast) and the dtype change is reported next to them; other dtype
+  pairs (integer vs float) are ``dtype_mismatch``, without numbers.
 * **Numbers of a changed tensor** (delta ``dW = B - A``): ``fro`` = ||dW||_F,
   ``rel`` = ||dW||_F / ||A||_F, ``max_abs`` = max|dW|.  The delta is formed in
   float64 (float32 for tensors above ``_F64_MAX_NUMEL`` elements); squared norms
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -271,7 +275,7 @@ def _float_delta(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _compare(rec: TensorDiff, place: _Place, x: torch.Tensor, y: torch.Tensor, r_hat: torch.Tensor | None,
              energy: float, q: int) -> None:
-    if _same_bytes(x, y):
+    if x.dtype == y.dtype and _same_bytes(x, y):
         rec.status = "unchanged"
         return
     rec.status = "changed"
@@ -280,6 +284,9 @@ def _compare(rec: TensorDiff, place: _Place, x: torch.Tensor, y: torch.Tensor, r
     except TypeError:  # complex: changed, no numbers
         return
     fro_sq, norm_a_sq = _sumsq64(delta), _sumsq64(x if x.dtype != torch.bool else x.to(torch.int8))
+    if x.dtype != y.dtype and fro_sq == 0.0:
+        rec.status = "unchanged"  # an exact cast: the same values in another dtype
+        return
     rec.fro, rec.norm_a = math.sqrt(fro_sq), math.sqrt(norm_a_sq)
     rec.max_abs = float(delta.abs().max()) if delta.numel() else 0.0
     rec.rel = rec.fro / rec.norm_a if rec.norm_a > 0 else (0.0 if rec.fro == 0 else math.inf)
@@ -415,8 +422,9 @@ class DiffReport:
                 prev = r.layer
                 kind = r.kind if len(r.kind) <= 36 else "..." + r.kind[-33:]
                 cos = _fmt(r.cosine, ".4f")
+                cast = f"  {r.dtype_a} -> {r.dtype_b}" if r.dtype_a != r.dtype_b else ""
                 lines.append(f"{lab:>5}  {kind:<36} {_fmt(r.fro):>9} {_fmt(r.rel):>9} {_fmt(r.max_abs):>9} "
-                             f"{r.rank_text:>5} {cos:>7}")
+                             f"{r.rank_text:>5} {cos:>7}{cast}")
             lines += ["", "changed module kinds",
                       f"{'module':<36} {'changed':>9} {'layers':<12} {'rel min..max':<19} {'rank':<7} {'min|cos|':>8}"]
             kinds: dict[str, list[TensorDiff]] = {}
@@ -453,6 +461,10 @@ class DiffReport:
                 lines.append(f"  {r.name}  {what}")
             if len(rs) > _MAX_LISTED:
                 lines.append(f"  ... (+{len(rs) - _MAX_LISTED} more)")
+        casts = Counter(f"{r.dtype_a} -> {r.dtype_b}" for r in self.records
+                        if r.status in ("changed", "unchanged") and r.dtype_a != r.dtype_b)
+        if casts:
+            lines += ["", "dtype changed (compared by value): " + ", ".join(f"{k}: {v} tensors" for k, v in casts.items())]
         lines += ["", f"tensors: {t['changed']} changed, {t['unchanged']} unchanged, {t['only_a']} only in A, "
                       f"{t['only_b']} only in B, {t['mismatched']} mismatched ({self.seconds:.1f} s)"]
         return "\n".join(lines)
@@ -559,8 +571,9 @@ def diff_checkpoints(a, b, *, direction=None, energy: float = 0.99, rank_q: int 
                 rec.status = "only_b"
             elif rec.shape_a != rec.shape_b:
                 rec.status = "shape_mismatch"
-            elif rec.dtype_a != rec.dtype_b:
-                rec.status = "dtype_mismatch"
+            elif rec.dtype_a != rec.dtype_b and not (ra.dtype(name).is_floating_point and
+                                                     rb.dtype(name).is_floating_point):
+                rec.status = "dtype_mismatch"  # e.g. integer vs float: not comparable as values
             else:
                 _compare(rec, pl, ra.get(name), rb.get(name), r_hat, energy, rank_q)
             records.append(rec)

@@ -175,13 +175,16 @@ def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, a
 
 def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool = False, extra=None,
                  config_updates: dict | None = None, files: dict[str, bytes | Path] | None = None,
-                 manifest: dict | None = None, max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> list[str]:
+                 manifest: dict | None = None, max_shard_bytes: int = 5_000_000_000, say: Say | None = None,
+                 extra_edited: Sequence[str] = ()) -> list[str]:
     """Stream ``reader`` through ``edit(name, tensor) -> tensor | None`` into ``out``
     (atomic), with the aux files, extra ``files`` and the manifest (written last,
-    hashing every output file).  Every weight edit method writes through here."""
+    hashing every output file).  Every weight edit method writes through here.
+    ``extra_edited``: names of ``extra`` tensors that carry an edit (e.g. an untied
+    lm_head with an adapter's update), counted and recorded with the edited ones."""
     say = _say(say)
     with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as wr:
-        edited = stream_rewrite(reader, wr, edit, extra=extra or None)
+        edited = stream_rewrite(reader, wr, edit, extra=extra or None) + list(extra_edited)
         copy_aux_files(reader.folder, wr.tmp_dir, config_updates)
         for rel, content in (files or {}).items():
             dst = wr.tmp_dir / rel
@@ -707,6 +710,21 @@ def _weight(reader: CheckpointReader, arch, name: str, shape_only: bool = False)
     return tuple(reader.shape(name)) if shape_only else reader.get(name)
 
 
+_MATRIX_LAYOUTS = ("out_in", "in_out", "rows")  # weight matrices Safe-LoRA can project
+
+
+def _same_architecture(a: CheckpointReader, arch_a, b: CheckpointReader, arch_b, a_what: str, b_what: str) -> None:
+    """Refuse model ``b`` unless its model_type, layer count and width are ``a``'s."""
+    def key(r, arch):
+        return {"model_type": arch.model_type, "layers": arch.num_layers(r.config), "width": arch.hidden_size(r.config)}
+
+    ka, kb = key(a, arch_a), key(b, arch_b)
+    diff = [f"{k} {ka[k]} vs {kb[k]}" for k in ka if ka[k] != kb[k]]
+    if diff:
+        raise SurgeryError(f"the {b_what} model in {b.folder} does not have the {a_what} model's architecture: "
+                           f"{', '.join(diff)} ({a_what} vs {b_what})")
+
+
 def _same_shape(a: CheckpointReader, arch_a, b: CheckpointReader, arch_b, name: str, a_what: str, b_what: str) -> None:
     sa, sb = _weight(a, arch_a, name, True), _weight(b, arch_b, name, True)
     if sb is None:
@@ -761,6 +779,7 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
         if base is not None:
             res_b, r_base, arch_b = open_model(base, None, allow_pickle, say)
             stack.callback(r_base.close)
+            _same_architecture(r_al, arch, r_base, arch_b, "aligned", "base")
             extra["base"] = input_info(res_b, r_base)
         else:
             dirs = Directions.load(directions)
@@ -769,61 +788,104 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
             dir_proj = sl.Projector(sl.direction_matrix(vecs), projector, energy)
             say(f"alignment subspace: {len(vecs)} refusal direction(s) from {directions}")
 
-        # targets: (module, tensor, layout)
+        # targets: (row name, model tensor, layout, key): key None for a LoRA module (dW = s B A), else the
+        # whole tensor that replaces the model's (adapter key; the fine-tuned tensor itself): dW = it - W_aligned
         if adapter is not None:
             ad = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter, None, allow_pickle)
             plan = ad.check_against(r_al)
             for n in plan.notes:
                 say(n)
-            targets = [(m, t, plan.layouts[t]) for t, m in plan.deltas.items()]
+            targets = [(m, t, plan.layouts[t], None) for t, m in plan.deltas.items()]
+            targets += [(t, t, plan.layouts[t], key) for t, key in plan.replacements.items()]
             extra["adapter"] = ad.describe()
             r_ft = None
         else:
             res_ft, r_ft, arch_ft = open_model(finetuned, None, allow_pickle, say)
             stack.callback(r_ft.close)
             extra["finetuned"] = input_info(res_ft, r_ft)
-            ft_infos = arch_ft.place(r_ft.names, r_ft.config)
-            targets = [(n, n, i.layout) for n, i in ft_infos.items() if i.layer is not None and i.layout in ("out_in", "in_out")]
-            for _, t, _ in targets:
+            targets = [(n, n, i.layout, n) for n, i in arch_ft.place(r_ft.names, r_ft.config).items()]
+            for _, t, _, _ in targets:
                 _same_shape(r_ft, arch_ft, r_al, arch, t, "fine-tuned", "aligned")
         if r_base is not None:
-            for _, t, _ in targets:
+            for _, t, _, _ in targets:
                 _same_shape(r_al, arch, r_base, arch_b, t, "aligned", "base")
-        if not targets:
-            raise SurgeryError("safe-lora: the update has no module to project")
 
-        def module_projector(t: str, layout: str):
-            """(projector, aligned weight as (out, in) or None when not needed) for tensor ``t``;
-            the projector is None when the subspace does not apply to ``t``."""
-            need = dir_proj is None or r_ft is not None
-            w_al = _out_in(_weight(r_al, arch, t), layout).float() if need else None
+        def projectable(t: str, layout: str, ndim: int) -> bool:
+            """Whether the subspace can project an update of ``t``: a weight matrix, whose output is the
+            residual stream when the subspace is spanned by refusal directions."""
+            info = infos.get(t)
+            return ndim == 2 and layout in _MATRIX_LAYOUTS and (
+                dir_proj is None or (info is not None and info.writes_residual))
+
+        if adapter is not None and not any(projectable(t, lay, 2 if k is None else len(_weight(r_al, arch, t, True)))
+                                           for _, t, lay, k in targets):
+            raise SurgeryError(f"safe-lora: the update has no module to project: the adapter changes only "
+                               f"{', '.join(t for _, t, _, _ in targets[:8])}, which the "
+                               f"{'base model' if dir_proj is None else 'refusal-direction'} subspace cannot project")
+
+        def projector_for(t: str, layout: str, w_al: torch.Tensor):
+            """The projector of a projectable tensor ``t`` (``w_al``: its aligned weight as (out, in))."""
             if dir_proj is not None:
-                info = infos.get(t)
-                return (dir_proj if info is not None and info.writes_residual else None), w_al
+                return dir_proj
             v = w_al - _out_in(_weight(r_base, arch_b, t), layout).float()
-            return sl.Projector(v, projector, energy), w_al
+            if not bool(v.any()):
+                raise SurgeryError(f"safe-lora: the alignment matrix V = W_aligned - W_base of {t} is zero: the base "
+                                   f"model {base} equals the aligned model there, so every update would be projected "
+                                   "to nothing (--base must be the unaligned model the aligned one was trained from)")
+            return sl.Projector(v, projector, energy)
 
-        say(f"measuring {len(targets)} modules ({projector} projector)")
+        def aligned_out_in(t: str, layout: str) -> torch.Tensor:
+            return _out_in(_weight(r_al, arch, t), layout).float()
+
+        def projected_whole(t: str, layout: str, cur: torch.Tensor) -> torch.Tensor:
+            """``cur`` (stored layout) with its update projected: W_aligned + P (cur - W_aligned), in cur's dtype."""
+            w_al = aligned_out_in(t, layout)
+            new = w_al + projector_for(t, layout, w_al).apply(_out_in(cur, layout).float() - w_al)
+            return _out_in(new, layout).contiguous().to(cur.dtype)
+
+        say(f"measuring {len(targets)} tensors ({projector} projector)")
         rows, new_B = [], {}
-        for m, t, layout in targets:
-            P, w_al = module_projector(t, layout)
-            if P is None:
-                rows.append(sl.ModuleRow(m, t, None, note="output is not the residual stream: kept"))
-                continue
-            if r_ft is None:
+        for m, t, layout, key in targets:
+            if key is None:
                 lm = ad.modules[m]
+                ndim = 2
+            else:
+                cur = ad.read(key) if r_ft is None else r_ft.get(t)
+                diff = cur.float() - _weight(r_al, arch, t).float()
+                ndim = cur.dim()
+                if not bool(diff.any()):
+                    if r_ft is None:  # a replacement equal to the model's tensor: listed, nothing to do
+                        rows.append(sl.ModuleRow(m, t, float("nan")))
+                    continue  # unchanged by the fine-tuning: not part of the update
+            if not projectable(t, layout, ndim):
+                nb = (sl.lora_cosine(lm.A, lm.B, lm.B, lm.scaling)[1] if key is None
+                      else float(torch.linalg.vector_norm(diff, dtype=torch.float64)))
+                why = ("output is not the residual stream: kept" if ndim == 2 and layout in _MATRIX_LAYOUTS
+                       else "not a weight matrix: kept" if ndim != 2 else f"layout '{layout}' is not a known matrix: kept")
+                rows.append(sl.ModuleRow(m, t, None, norm_before=nb, norm_after=nb, note=why))
+                continue
+            w_al = aligned_out_in(t, layout) if dir_proj is None or key is not None else None
+            P = projector_for(t, layout, w_al)
+            if key is None:
                 new_B[m] = P.apply(lm.B)
                 cos, nb, npj = sl.lora_cosine(lm.A, lm.B, new_B[m], lm.scaling)
             else:
-                dw = _out_in(r_ft.get(t), layout).float() - w_al
+                dw = _out_in(diff, layout)
                 cos, nb, npj = sl.cosine(P.apply(dw), dw)
-                if nb == 0.0:
-                    continue  # unchanged by the fine-tuning
             rows.append(sl.ModuleRow(m, t, cos, norm_before=nb, norm_after=nb, norm_projected=npj, rank=P.rank))
             del P, w_al
+        if not any(r.cosine is not None for r in rows):
+            what = ("the fine-tuned model equals the aligned model" if not rows else
+                    "it changes only " + ", ".join(r.tensor for r in rows[:8]) + (" ..." if len(rows) > 8 else ""))
+            raise SurgeryError(f"safe-lora: the update has no module to project ({what}; see --help)")
         projected = sl.select(rows, threshold, top_k)
         say(sl.format_table(rows))
-        say(f"projected {len(projected)} of {len(rows)} modules")
+        n_mod = sum(r.cosine is not None for r in rows)
+        say(f"projected {len(projected)} of {n_mod} modules")
+        kept = [r.tensor for r in rows if r.cosine is None]
+        if kept:
+            say(f"warning: {len(kept)} changed tensor(s) kept as is, unprojected (Safe-LoRA cannot project them onto "
+                f"this subspace; see the table): {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}")
 
         selection = {"top_k": top_k} if top_k is not None else {"threshold": threshold, "rule": "cos <= threshold"}
         subspace = "base" if base is not None else "directions"
@@ -843,7 +905,10 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
         files = {"safe_lora.json": (json.dumps(report, indent=2) + "\n").encode()}
 
         if r_ft is None:
-            pad = ad.with_modules({m: ad.modules[m].with_B(new_B[m]) for m in projected})
+            whole = {r.tensor: r for r in rows if r.projected and r.module not in new_B}
+            pad = ad.with_modules({m: ad.modules[m].with_B(new_B[m]) for m in projected if m in new_B},
+                                  {plan.replacements[t]: projected_whole(t, plan.layouts[t], ad.read(plan.replacements[t]))
+                                   for t in whole})
             if emit_adapter:
                 cfg = ad.config
                 manifest["edited"] = {"count": len(projected), "modules": projected}
@@ -858,18 +923,14 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
                 plan = pad.check_against(r_al)
                 edit, more = merge_edit(r_al, pad, plan)
                 write_edited(r_al, out, edit, overwrite=overwrite, extra=more, config_updates=plan.config_updates,
+                             extra_edited=plan.new_edited,
                              files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
         else:
-            chosen = {r.tensor: r for r in rows if r.projected}
-            layouts = {t: layout for _, t, layout in targets}
+            chosen = {r.tensor for r in rows if r.projected}
+            layouts = {t: layout for _, t, layout, _ in targets}
 
             def edit(name, tensor):
-                if name not in chosen:
-                    return None
-                P, w_al = module_projector(name, layouts[name])
-                dw = _out_in(tensor, layouts[name]).float() - w_al
-                new = w_al + P.apply(dw)
-                return (new.T if layouts[name] in ("in_out", "rows") else new).contiguous()
+                return projected_whole(name, layouts[name], tensor) if name in chosen else None
 
             write_edited(r_ft, out, edit, overwrite=overwrite, files=files, manifest=manifest,
                          max_shard_bytes=max_shard_bytes, say=say)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoint.files import write_atomic
 from .errors import SurgeryError
 
 
@@ -22,7 +23,7 @@ def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=dpi)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     except OSError as e:
         raise SurgeryError(f"cannot write plot {path}: {e.strerror or e}") from None
     return path

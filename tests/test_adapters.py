@@ -330,3 +330,49 @@ def test_overwrite_never_deletes_an_input(tmp_path):
     (tmp_path / "out").mkdir()
     r = runner.invoke(cli, ["merge-lora", str(src), "--adapter", str(ad), "-o", str(tmp_path / "out"), "--overwrite"])
     assert r.exit_code == 0, r.output
+
+
+def test_gemma3_multimodal_adapter_merges_like_peft(tmp_path):
+    """PEFT names gemma3's text modules as the in-memory model does (model.language_model.*);
+    the checkpoint stores language_model.model.*: the architecture's alternative spellings map them."""
+    src = make_tiny_checkpoint("gemma3", tmp_path / "src")
+    ad_dir = make_peft_adapter("gemma3", tmp_path / "adapter", r=4, lora_alpha=8,
+                               target_modules=r".*language_model.*\.(q_proj|down_proj)")
+    ad = load_adapter(ad_dir)
+    assert all(m.startswith("model.language_model.") for m in ad.modules)
+    merge_adapter(str(src), ad, tmp_path / "out")
+    ref = peft_merged("gemma3", ad_dir)
+    touched = {m.tensor for m in ad.modules.values()}
+    assert len(touched) == 4 and all(t.startswith("language_model.model.layers.") for t in touched)
+    with CheckpointReader(src) as a, CheckpointReader(tmp_path / "out") as b:
+        for t in a.names:
+            mem = t.replace("language_model.model.", "model.language_model.", 1)
+            if t in touched:
+                torch.testing.assert_close(b.get(t), ref[mem], rtol=1e-5, atol=1e-6, msg=t)
+                assert not torch.equal(b.get(t), a.get(t))
+            else:
+                assert _bytes(a.get(t)) == _bytes(b.get(t)), t
+
+
+def test_tied_lm_head_lora_counts_the_new_lm_head_as_edited(tmp_path, tiny_chat):
+    """A LoRA on the tied lm_head is written as a new lm_head.weight carrying the update: it is an
+    edited tensor (the merge said "0 tensors edited" and the manifest edited.count 0)."""
+    from transformers import AutoModelForCausalLM
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat),
+                   LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "adapter")
+    said = []
+    edited = merge_adapter(str(tiny_chat), str(tmp_path / "adapter"), tmp_path / "out", say=said.append)
+    assert edited == ["lm_head.weight"]
+    assert any("(1 tensors edited)" in s for s in said)
+    m = read_manifest(tmp_path / "out")
+    assert m["edited"]["count"] == 1 and m["edited"]["tensors"] == ["lm_head.weight"]
+    ref = peft_merged(AutoModelForCausalLM.from_pretrained(tiny_chat), tmp_path / "adapter")
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(tmp_path / "out") as b:
+        torch.testing.assert_close(b.get("lm_head.weight"), ref["lm_head.weight"], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(b.get("lm_head.weight"), a.get("model.embed_tokens.weight"))
+        assert _bytes(b.get("model.embed_tokens.weight")) == _bytes(a.get("model.embed_tokens.weight"))

@@ -210,17 +210,48 @@ def test_one_sided_reshaped_and_recast_tensors_are_listed(tmp_path):
     assert (st["model.layers.1.mlp.extra.weight"].layer, st["model.layers.1.mlp.extra.weight"].kind) == (1, "mlp.extra.weight")
     assert st["extra.bias"].status == "only_b" and st["extra.bias"].layer is None
     assert st["model.layers.1.self_attn.q_proj.weight"].status == "shape_mismatch"
-    assert st["model.layers.0.self_attn.k_proj.weight"].status == "dtype_mismatch"
+    # recast to bfloat16: compared by value (float32 reference below), the dtype change reported with the numbers
+    k = st["model.layers.0.self_attn.k_proj.weight"]
+    k_a = _tensors(src)["model.layers.0.self_attn.k_proj.weight"]
+    k_delta = k_a.to(torch.bfloat16).double() - k_a.double()
+    assert k.status == "changed" and (k.dtype_a, k.dtype_b) == ("float32", "bfloat16")
+    assert k.fro == pytest.approx(float(k_delta.norm()), rel=1e-6) and k.max_abs == pytest.approx(float(k_delta.abs().max()))
+    assert k.rel == pytest.approx(float(k_delta.norm() / k_a.double().norm()), rel=1e-6) and 0 < k.rel < 1e-2
     norm = st["model.layers.1.input_layernorm.weight"]
     assert norm.status == "changed" and norm.rank is None and norm.cosine == pytest.approx(1.0, abs=1e-6)
     assert norm.fro == pytest.approx(0.5 * float(r.double().norm()), rel=1e-6)
-    assert rep.totals() == {"changed": 1, "unchanged": len(st) - 6, "only_a": 1, "only_b": 2, "mismatched": 2}
+    assert rep.totals() == {"changed": 2, "unchanged": len(st) - 6, "only_a": 1, "only_b": 2, "mismatched": 1}
     text = rep.summary()
     for section, name in (("only in A (1)", "model.layers.0.mlp.up_proj.weight"), ("only in B (2)", "extra.bias"),
-                          ("different shape (1)", "model.layers.1.self_attn.q_proj.weight"),
-                          ("different dtype (1)", "model.layers.0.self_attn.k_proj.weight")):
+                          ("different shape (1)", "model.layers.1.self_attn.q_proj.weight")):
         assert section in text and name in text
-    assert "A bfloat16" not in text and "B bfloat16 [16, 32]" in text
+    assert "different dtype" not in text
+    k_line = next(line for line in text.splitlines() if "self_attn.k_proj.weight" in line)
+    assert k_line.rstrip().endswith("float32 -> bfloat16") and f"{k.fro:.3g}"[:4] in k_line
+    assert "dtype changed (compared by value): float32 -> bfloat16: 1 tensors" in text
+
+
+def test_whole_checkpoint_cast_is_compared_by_value(tmp_path):
+    """The same weights cast to bfloat16 (every tensor used to be "different dtype", no numbers), and
+    cast back to float32: exact casts are unchanged, the rest changed by rounding only."""
+    src = make_tiny_checkpoint("llama", tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    t = _tensors(src)
+    bf = _save(tmp_path / "bf16", {k: v.to(torch.bfloat16) for k, v in t.items()}, {**config, "dtype": "bfloat16"})
+    rep = diff_checkpoints(src, bf)
+    assert rep.totals()["mismatched"] == 0 and rep.by_status("dtype_mismatch") == []
+    for r in rep.records:
+        d = t[r.name].to(torch.bfloat16).float() - t[r.name]  # float32 reference
+        if float(d.abs().max()) == 0.0:
+            assert r.status == "unchanged", r.name  # e.g. norms of ones
+        else:
+            assert r.status == "changed" and r.fro == pytest.approx(float(d.double().norm()), rel=1e-6), r.name
+            assert r.max_abs == pytest.approx(float(d.abs().max()), rel=1e-6)
+            assert r.rel < 2 ** -8
+    back = _save(tmp_path / "back", {k: v.to(torch.bfloat16).float() for k, v in t.items()}, config)
+    rep2 = diff_checkpoints(bf, back)  # bfloat16 -> float32 is exact: values unchanged, only the dtype
+    assert rep2.totals()["changed"] == 0 and rep2.totals()["unchanged"] == len(t)
+    assert f"bfloat16 -> float32: {len(t)} tensors" in rep2.summary()
 
 
 def test_unknown_model_type_falls_back_to_layer_regex(tmp_path):

@@ -126,7 +126,7 @@ def test_cli_directions_and_eval(tmp_path, tiny_chat):
     # an existing file needs --overwrite; the model's own folder (its weights) is never written to
     before = out.read_bytes()
     r = runner.invoke(cli, ["directions", str(tiny_chat), "-o", str(out), "--source", "prompt"])
-    assert r.exit_code == 2 and "output file exists" in r.output and out.read_bytes() == before
+    assert r.exit_code == 2 and "exists (pass --overwrite" in r.output and out.read_bytes() == before
     weights = next(Path(tiny_chat).glob("*.safetensors"))
     w_before = weights.read_bytes()
     for target in (weights, Path(tiny_chat) / "new.safetensors"):

@@ -190,6 +190,13 @@ def test_refusal_directions_as_subspace(world, tmp_path, kind):
     by = {r.module: r for r in res.rows}
     assert by[IN_SPAN].cosine == pytest.approx(1.0, abs=1e-5) and not by[IN_SPAN].projected
     assert by[QPROJ].cosine is None and "residual" in by[QPROJ].note
+    # kept, not projected: the row reports the update's true norm, before and after
+    q = load_adapter(world["adapter"]).modules[QPROJ]
+    true_norm = float((q.scaling * q.B.double() @ q.A.double()).norm())
+    assert true_norm > 0.1 and by[QPROJ].norm_before == pytest.approx(true_norm, rel=1e-5)
+    assert by[QPROJ].norm_after == by[QPROJ].norm_before
+    saved = {r["module"]: r for r in json.loads((tmp_path / "out" / "safe_lora.json").read_text())["rows"]}
+    assert saved[QPROJ]["norm_before"] == pytest.approx(true_norm, rel=1e-5) == saved[QPROJ]["norm_after"]
     m = read_manifest(tmp_path / "out")
     assert m["safe_lora"]["subspace"] == "directions" and "refusal directions" in m["method"]["parameters"]["subspace"]
     assert m["direction"]["layer"] == 1 and "base" not in m
@@ -261,10 +268,11 @@ def test_bad_inputs_fail_before_writing(world, tmp_path):
     (nocfg / "adapter_config.json").unlink()
     cases = [
         (lambda: safe_lora(al, out, base=str(narrow_ffn), adapter=ad), r"model.layers.0.mlp.down_proj.weight.*\(32, 64\).*\(32, 48\)"),
-        (lambda: safe_lora(al, out, base=str(wide), adapter=ad), r"model.layers.0.mlp.down_proj.weight.*base model"),
+        (lambda: safe_lora(al, out, base=str(wide), adapter=ad), r"base model in .*wide does not have the aligned model's "
+                                                                  r"architecture: width 32 vs 48 \(aligned vs base\)"),
         (lambda: safe_lora(al, out, base=base, adapter=str(dora)), "DoRA"),
         (lambda: safe_lora(al, out, base=base, adapter=str(nocfg)), "no adapter_config.json"),
-        (lambda: safe_lora(str(wide), out, base=base, adapter=ad), r"mlp.down_proj: its update has shape \(32, 64\).*\(48, 64\)"),
+        (lambda: safe_lora(str(wide), out, base=str(wide), adapter=ad), r"mlp.down_proj: its update has shape \(32, 64\).*\(48, 64\)"),
         (lambda: safe_lora(al, out, base=base, directions=world["direction"], adapter=ad), "exactly one alignment subspace"),
         (lambda: safe_lora(al, out, base=base, adapter=ad, finetuned=al), "exactly one update"),
         (lambda: safe_lora(al, out, base=base, finetuned=base, emit_adapter=True), "--emit-adapter needs --adapter"),
@@ -286,3 +294,112 @@ def test_cli_safe_lora(world, tmp_path):
                             "-o", str(tmp_path / "o2")])
     assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "alignment subspace" in r.output
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory):
+    """llama with attention biases; aligned = base + noise on every tensor (V != 0 everywhere); a PEFT
+    adapter with an o_proj LoRA, modules_to_save=["lm_head"] and bias="all" (whole tensors it replaces)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("safe_lora_whole")
+    base = make_tiny_checkpoint("llama", root / "base", attention_bias=True)
+    model = make_tiny_model("llama", attention_bias=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(root / "aligned")
+    torch.manual_seed(4)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "aligned"),
+                        LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], modules_to_save=["lm_head"], bias="all",
+                                   init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad and ("modules_to_save" in n or n.endswith("bias")):
+                p.add_(0.3 * torch.randn(p.shape))
+    pm.save_pretrained(root / "adapter")
+    return {"root": root, "base": base, "aligned": root / "aligned", "adapter": root / "adapter"}
+
+
+def test_whole_tensor_updates_are_listed_and_projected_or_kept(biased, tmp_path):
+    """modules_to_save and bias="all" tensors are part of the update: the lm_head matrix is projected
+    like any module (dW = R - W_aligned), the biases are kept with a warning; all are rows of the table."""
+    said = []
+    res = safe_lora(str(biased["aligned"]), tmp_path / "out", base=str(biased["base"]), adapter=str(biased["adapter"]),
+                    say=said.append)
+    ad = load_adapter(biased["adapter"])
+    with CheckpointReader(biased["aligned"]) as al, CheckpointReader(biased["base"]) as bs, \
+            CheckpointReader(tmp_path / "out") as out:
+        want = {}
+        for m, lm in ad.modules.items():
+            want[m + ".weight"] = (lm.scaling * lm.B.double() @ lm.A.double(), True)
+        for t, key in ad.replacements.items():
+            want[t] = (ad.read(key).double() - al.get(t).double(), ad.read(key).dim() == 2)
+        assert any(t.endswith(".bias") for t in want) and "lm_head.weight" in want and len(want) > len(ad.modules) + 1
+        by = {r.tensor: r for r in res.rows}
+        assert set(by) == set(want)  # every tensor of the update is a row
+        for t, (dW, matrix) in want.items():
+            w = al.get(t).double()
+            if matrix:
+                C = ref_projector(w - bs.get(t).double(), "fast")
+                cos = ref_cos(C, dW)
+                assert by[t].cosine == pytest.approx(cos, abs=1e-5), t
+                assert by[t].projected == (cos <= 0.5)
+                exp = w + (C @ dW if cos <= 0.5 else dW)
+            else:
+                assert by[t].cosine is None and not by[t].projected and "not a weight matrix" in by[t].note
+                exp = w + dW
+            assert by[t].norm_before == pytest.approx(float(dW.norm()), rel=1e-5), t
+            torch.testing.assert_close(out.get(t).double(), exp, rtol=1e-5, atol=1e-6, msg=t)
+        assert by["lm_head.weight"].projected  # a random replacement is poorly aligned
+        for t in al.names:
+            if t not in want:
+                assert torch.equal(out.get(t), al.get(t)), t
+    warning = next(x for x in said if x.startswith("warning:"))
+    assert all(t in warning or "..." in warning for t in want if t.endswith(".bias"))
+    saved = json.loads((tmp_path / "out" / "safe_lora.json").read_text())["rows"]
+    assert {r["tensor"] for r in saved} == set(want)
+    # the same update as a fine-tuned model: the same rows and the same result
+    ft = merge_adapter(str(biased["aligned"]), str(biased["adapter"]), tmp_path / "ft") and tmp_path / "ft"
+    f = safe_lora(str(biased["aligned"]), tmp_path / "via_ft", base=str(biased["base"]), finetuned=str(ft))
+    assert {r.tensor for r in f.rows} == set(want)
+    assert {r.tensor for r in f.rows if r.projected} == {r.tensor for r in res.rows if r.projected}
+    with CheckpointReader(tmp_path / "out") as x, CheckpointReader(tmp_path / "via_ft") as y:
+        for t in x.names:
+            torch.testing.assert_close(y.get(t), x.get(t), rtol=1e-5, atol=2e-6, msg=t)
+    # the emitted adapter carries the projected lm_head
+    em = safe_lora(str(biased["aligned"]), tmp_path / "em", base=str(biased["base"]), adapter=str(biased["adapter"]),
+                   emit_adapter=True)
+    assert em.emitted_adapter
+    merge_adapter(str(biased["aligned"]), str(tmp_path / "em"), tmp_path / "em_merged")
+    with CheckpointReader(tmp_path / "out") as x, CheckpointReader(tmp_path / "em_merged") as y:
+        for t in x.names:
+            torch.testing.assert_close(y.get(t), x.get(t), rtol=1e-5, atol=2e-6, msg=t)
+
+
+def test_no_projectable_module_is_refused_in_both_modes(biased, tmp_path):
+    """Only biases changed: nothing Safe-LoRA can project.  Both modes refuse (the fine-tuned one
+    used to report "projected 0 of 0 modules" and keep the whole update)."""
+    ad = load_adapter(biased["adapter"])
+    biases = {t: ad.read(k) for t, k in ad.replacements.items() if t.endswith(".bias")}
+    only = save_peft_adapter(tmp_path / "only_bias", {}, r=2, alpha=4, target_modules=["o_proj"], bias="all",
+                             extra_tensors=biases)
+    ft = tmp_path / "ft"
+    merge_adapter(str(biased["aligned"]), str(only), ft)
+    al, base = str(biased["aligned"]), str(biased["base"])
+    for kw in (dict(adapter=str(only)), dict(finetuned=str(ft)), dict(finetuned=al)):
+        _assert_clean_failure(tmp_path, lambda: safe_lora(al, tmp_path / "out", base=base, **kw),
+                              "the update has no module to project")
+
+
+def test_zero_alignment_matrix_and_other_architectures_are_refused(world, tmp_path):
+    al, ad = str(world["aligned"]), str(world["adapter"])
+    deep = make_tiny_checkpoint("llama", tmp_path / "deep", num_hidden_layers=3)
+    qwen = make_tiny_checkpoint("qwen2", tmp_path / "qwen")
+    for base, match in ((al, r"alignment matrix V = W_aligned - W_base of model\.layers\.\S+ is zero"),
+                        (str(deep), r"architecture: layers 2 vs 3"),
+                        (str(qwen), r"architecture: model_type llama vs qwen2")):
+        _assert_clean_failure(tmp_path, lambda: safe_lora(al, tmp_path / "out", base=base, adapter=ad), match)
+        _assert_clean_failure(tmp_path, lambda: safe_lora(al, tmp_path / "out", base=base, finetuned=al), "")

@@ -479,3 +479,137 @@ def test_cli_units_then_protect(tiny_chat, tmp_path):
     with CheckpointReader(out) as a, CheckpointReader(tmp_path / "out2") as b:
         assert all(raw(a.get(n)) == raw(b.get(n)) for n in a.names)
     assert verify(tmp_path / "out2") == []
+
+
+def test_protect_accepts_an_untied_fine_tune_of_a_tied_model(tiny_chat, tmp_path):
+    """merge-lora unties a tied model (adds lm_head.weight): the pair check takes the aligned
+    model's tied lm_head as its embedding instead of refusing surgery's own output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from surgery.adapters import merge_adapter
+
+    torch.manual_seed(5)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat),
+                        LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"], modules_to_save=["lm_head"],
+                                   init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    ft = tmp_path / "ft"
+    merge_adapter(str(tiny_chat), str(tmp_path / "adapter"), ft)
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(ft) as f:
+        assert "lm_head.weight" not in a.names and "lm_head.weight" in f.names
+    mats = _checkpoint_matrices(tiny_chat)
+    choice = {"layers.0.mlp": {3: "safety-critical", 10: "safety-critical"}, "layers.1.attn": {5: "safety-critical"}}
+    mp = _map_for(mats, choice).save(tmp_path / "units.safetensors")
+    res = CliRunner().invoke(cli, ["protect", "--aligned", str(tiny_chat), "--finetuned", str(ft), "-o",
+                                   str(tmp_path / "out"), "--units", str(mp)])
+    assert res.exit_code == 0, res.output
+    with CheckpointReader(tiny_chat) as a, CheckpointReader(ft) as f, CheckpointReader(tmp_path / "out") as o:
+        assert sorted(o.names) == sorted(f.names)
+        assert raw(o.get("lm_head.weight")) == raw(f.get("lm_head.weight"))
+        down = "model.layers.0.mlp.down_proj.weight"
+        assert raw(o.get(down)[:, [3, 10]]) == raw(a.get(down)[:, [3, 10]])
+        assert raw(o.get(down)[:, :3]) == raw(f.get(down)[:, :3])
+        o1 = "model.layers.1.self_attn.o_proj.weight"
+        assert raw(o.get(o1)[:, 5]) == raw(a.get(o1)[:, 5]) != raw(f.get(o1)[:, 5])
+    # a fine-tune whose lm_head has another shape is still refused
+    bad = tmp_path / "bad"
+    shutil.copytree(ft, bad)
+    f = next(bad.glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd["lm_head.weight"] = sd["lm_head.weight"][:-1].contiguous()
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(SurgeryError, match=r"tensor lm_head.weight: shape"):
+        protect(str(tiny_chat), str(bad), tmp_path / "o2", units=mp)
+
+
+def test_protect_with_a_map_reclassifies_or_refuses_measurement_options(tmp_path):
+    """--top/--below/--redundant with --units re-classify the map's stored scores (they were silently
+    ignored); measurement settings (--positions/--limit/--max-new-tokens/--batch-size) are refused."""
+    al = make_tiny_checkpoint("llama", tmp_path / "aligned")
+    ft = perturbed_copy(al, tmp_path / "finetuned")
+    mats = _checkpoint_matrices(al)
+    umap = _map_for(mats, {})
+    stored = Rules(top=0.02, below=0.5, redundant=0.3)
+    umap = UnitMap({k: MatrixUnits(m.key, m.kind, m.layer, m.module, m.producers, m.safety, m.utility,
+                                   classify(m.safety, m.utility, stored), m.head_dim, m.group)
+                    for k, m in umap.matrices.items()}, {**umap.meta, "rules": stored.describe()})
+    mp = umap.save(tmp_path / "units.safetensors")
+    res = CliRunner().invoke(cli, ["protect", "--aligned", str(al), "--finetuned", str(ft), "-o", str(tmp_path / "out"),
+                                   "--units", str(mp), "--top", "0.3", "--below", "0.6"])
+    assert res.exit_code == 0, res.output
+    want = Rules(top=0.3, below=0.6, redundant=0.3)  # redundant: the map's own
+    m = read_manifest(tmp_path / "out")
+    rec = m["method"]["parameters"]["units_map"]
+    assert {k: rec["rules"][k] for k in ("top", "below", "redundant")} == {"top": 0.3, "below": 0.6, "redundant": 0.3}
+    assert rec["reclassified_from"]["rules"]["top"] == 0.02
+    from surgery.checkpoint import sha256_file
+    assert rec["reclassified_from"]["sha256"] == sha256_file(mp)
+    saved = UnitMap.load(tmp_path / "out" / "units.safetensors")
+    n = 0
+    with CheckpointReader(al) as a, CheckpointReader(tmp_path / "out") as o:
+        for k, mu in umap.matrices.items():
+            codes = classify(mu.safety, mu.utility, want)
+            assert torch.equal(saved.matrices[k].classes, codes)
+            sel = [int(j) for j in torch.nonzero(codes == CODE["safety-critical"]).flatten()]
+            n += len(sel)
+            name = f"model.layers.{mu.layer}." + ("mlp.down_proj.weight" if mu.kind == "mlp" else "self_attn.o_proj.weight")
+            assert raw(o.get(name)[:, sel]) == raw(a.get(name)[:, sel])
+    assert m["restored"]["count"] == n and n > sum(int((mu.classes == 1).sum()) for mu in umap.matrices.values())
+    # no rule given: the map's classes as stored
+    res = CliRunner().invoke(cli, ["protect", "--aligned", str(al), "--finetuned", str(ft), "-o", str(tmp_path / "o2"),
+                                   "--units", str(mp)])
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "o2")["restored"]["count"] == sum(int((mu.classes == 1).sum())
+                                                                        for mu in umap.matrices.values())
+    # measurement settings with a map: one-line error naming them, nothing written
+    res = CliRunner().invoke(cli, ["protect", "--aligned", str(al), "--finetuned", str(ft), "-o", str(tmp_path / "o3"),
+                                   "--units", str(mp), "--limit", "3", "--positions", "last"])
+    assert res.exit_code == 2 and "--positions, --limit" in res.output and "--units" in res.output
+    assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("opt,val", [("--batch-size", "0"), ("--max-new-tokens", "0"), ("--batch-size", "-3"),
+                                     ("--limit", "0")])
+@pytest.mark.parametrize("cmd", ["units", "protect"])
+def test_count_options_must_be_positive(tmp_path, cmd, opt, val):
+    args = (["units", str(tmp_path / "m"), "-o", str(tmp_path / "u.safetensors")] if cmd == "units" else
+            ["protect", "--aligned", str(tmp_path), "--finetuned", str(tmp_path), "-o", str(tmp_path / "o")])
+    res = CliRunner().invoke(cli, args + [opt, val])
+    assert res.exit_code == 2 and f"Invalid value for '{opt}'" in res.output and ">=1" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_units_checks_every_output_path_before_any_work(tiny_chat, tmp_path, monkeypatch):
+    import surgery.units.pipeline as up
+
+    def no_work(*a, **k):
+        raise AssertionError("measured before checking the outputs")
+
+    monkeypatch.setattr(up, "compute_units", no_work)
+    mp = tmp_path / "m.safetensors"
+    mp.write_bytes(b"an earlier map")
+    (tmp_path / "m.json").write_text("{}")
+    cases = [
+        (["-o", str(tmp_path / "n.safetensors"), "--plot", str(tmp_path / "n.safetensors")], "same file as -o"),
+        (["-o", str(tmp_path / "n.safetensors"), "--plot", str(tmp_path / "n.json")], "same file as the summary"),
+        (["-o", str(mp)], r"-o .*m.safetensors exists \(pass --overwrite"),
+        (["-o", str(tmp_path / "n.safetensors"), "--plot", str(mp)], r"--plot .*m.safetensors exists"),
+        (["-o", str(tmp_path / "n.safetensors"), "--plot", str(tmp_path)], "exists and is not a file"),
+        (["-o", str(tmp_path / "n.safetensors"), "--plot", str(tmp_path / "m.json" / "sub" / "p.png")],
+         "--plot .*cannot write in"),
+    ]
+    for args, match in cases:
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        res = CliRunner().invoke(cli, ["units", str(tiny_chat), *args])
+        assert res.exit_code == 2, (args, res.output)
+        last = res.output.strip().splitlines()[-1]
+        assert last.startswith("error:") and __import__("re").search(match, last), (args, last)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # --overwrite replaces an earlier map (measured for real here)
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli, ["units", str(tiny_chat), "-o", str(mp), "--limit", "2", "--max-new-tokens", "2",
+                                   "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert UnitMap.load(mp).matrices and json.loads((tmp_path / "m.json").read_text())["summary"]
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

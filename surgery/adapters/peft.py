@@ -32,7 +32,9 @@ Design
   refused with one line naming the field or key.
 * :meth:`LoraAdapter.check_against` maps every module ``X`` to the model tensor
   ``X.weight`` (else, for checkpoints saved without the top-level prefix, e.g.
-  gpt2 on the Hub, with the first name component dropped) and checks shapes --
+  gpt2 on the Hub, with the first name component dropped, else under another
+  spelling the architecture data lists: gemma3's in-memory
+  ``model.language_model.*`` is stored as ``language_model.model.*``) and checks shapes --
   before any work.  As PEFT does at load time, the stored orientation comes from
   the tensor itself: a GPT-2 ``Conv1D`` (layout ``in_out``) is always merged
   transposed, an ``nn.Linear`` never, whatever ``fan_in_fan_out`` says.
@@ -147,6 +149,11 @@ class MergePlan:
     config_updates: dict | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def new_edited(self) -> list[str]:
+        """Tensors written anew (untied lm_head) that carry the adapter's update."""
+        return [t for t in self.virtual if t in self.deltas or t in self.replacements]
+
     def source_tensor(self, tensor: str) -> str:
         """The model tensor holding the current value of ``tensor`` (the embedding for a tied lm_head)."""
         return self.virtual.get(tensor, tensor)
@@ -157,13 +164,14 @@ class LoraAdapter:
 
     def __init__(self, config: dict, modules: dict[str, LoraModule], replacements: dict[str, str], *,
                  weights: Path, source: str, kind: str = "folder", revision: str | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None):
+                 tensors: dict[str, torch.Tensor] | None = None, overrides: dict[str, torch.Tensor] | None = None):
         self.config = config
         self.modules = modules
         self.replacements = replacements  # model tensor name -> adapter key (full key in the weights file)
         self.weights = weights
         self.source, self.kind, self.revision = source, kind, revision
         self._tensors = tensors  # pickled adapters: everything already in memory
+        self._overrides = dict(overrides or {})  # whole tensors replaced in memory (e.g. projected by Safe-LoRA)
 
     # -- reading ---------------------------------------------------------------
     @property
@@ -172,6 +180,8 @@ class LoraAdapter:
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor of the weights file by its full key (e.g. a whole replacement tensor)."""
+        if key in self._overrides:
+            return self._overrides[key].clone()
         if self._tensors is not None:
             return self._tensors[key].clone()
         from safetensors import safe_open
@@ -186,12 +196,15 @@ class LoraAdapter:
         m = module if isinstance(module, LoraModule) else self.modules[module]
         return m.delta()
 
-    def with_modules(self, modules: Mapping[str, LoraModule]) -> "LoraAdapter":
-        """The same adapter with some modules replaced (e.g. projected by Safe-LoRA)."""
+    def with_modules(self, modules: Mapping[str, LoraModule],
+                     tensors: Mapping[str, torch.Tensor] | None = None) -> "LoraAdapter":
+        """The same adapter with some modules replaced, and some whole tensors (by full
+        key) given new values (e.g. projected by Safe-LoRA)."""
         new = dict(self.modules)
         new.update(modules)
         return LoraAdapter(self.config, new, dict(self.replacements), weights=self.weights, source=self.source,
-                           kind=self.kind, revision=self.revision, tensors=self._tensors)
+                           kind=self.kind, revision=self.revision, tensors=self._tensors,
+                           overrides={**self._overrides, **(tensors or {})})
 
     # -- checking against a model ------------------------------------------------
     def check_against(self, reader) -> MergePlan:
@@ -214,10 +227,13 @@ class LoraAdapter:
             return tuple(reader.shape(emb if t == lm_head and t not in present else t))
 
         def resolve(base: str, what: str) -> str:
-            for cand in (base, base.split(".", 1)[1] if "." in base else None):
+            # PEFT names modules as the in-memory model does: the stored name may lack the top-level
+            # prefix (gpt2 on the Hub) or be another spelling the architecture data lists (gemma3)
+            cands = (base, base.split(".", 1)[1] if "." in base else None, *arch.spellings(base))
+            for cand in cands:
                 if cand and cand in present:
                     return cand
-            if tied and emb is not None and base == lm_head:
+            if tied and emb is not None and lm_head in cands:
                 return lm_head  # tied: written anew below
             raise AdapterError(f"adapter {what}: the model in {where} has no tensor {base} (adapter for another model?)")
 
@@ -509,6 +525,7 @@ def merge_adapter(source_or_reader, adapter, out, *, overwrite: bool = False, re
                                   extra={"adapter": adapter.describe()})
         edit, extra = merge_edit(reader, adapter, plan)
         return write_edited(reader, out, edit, overwrite=overwrite, extra=extra, config_updates=plan.config_updates,
+                            extra_edited=plan.new_edited,
                             manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
     finally:
         if own:

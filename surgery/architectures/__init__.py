@@ -227,7 +227,7 @@ class TensorInfo(_LayoutMixin):
 # --------------------------------------------------------------------------- patterns
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]*)\}")
-_PLACEHOLDER_RE = {"layer": r"(?P<layer>\d+)", "expert": r"(?P<expert>\d+)", "any": r".+"}
+_PLACEHOLDER_RE = {"layer": r"(?P<layer>\d+)", "expert": r"(?P<expert>\d+)", "any": r"(?P<any>.+)"}
 
 
 def _compile(template: str) -> re.Pattern[str]:
@@ -384,6 +384,8 @@ class Architecture:
             has = {ph for n in names for ph in _PLACEHOLDER.findall(n)}
             if any({ph for ph in _PLACEHOLDER.findall(n)} != {ph for ph in _PLACEHOLDER.findall(names[0])} for n in names):
                 raise ArchitectureError(f"bad architecture data {file}: alternatives of {names[0]} differ in placeholders")
+            if any(n.count("{any}") > 1 for n in names):
+                raise ArchitectureError(f"bad architecture data {file}: {names[0]} has more than one {{any}}")
             if "expert" in has and "layer" not in has:
                 raise ArchitectureError(f"bad architecture data {file}: {names[0]} has {{expert}} without {{layer}}")
             if "expert" in has and not self.num_experts_key:
@@ -487,6 +489,18 @@ class Architecture:
                     expert = int(g["expert"]) if g.get("expert") is not None else None
                     return entry, layer, expert
         return None
+
+    def spellings(self, name: str) -> tuple[str, ...]:
+        """``name`` first, then the same tensor under the data file's alternative
+        spellings (gemma3's ``model.language_model.*`` in memory and in PEFT
+        adapters vs ``language_model.model.*`` on disk); ``(name,)`` if it matches
+        no pattern."""
+        hit = self._match(name)
+        if hit is None:
+            return (name,)
+        groups = next(m.groupdict() for rx in hit[0].regexes if (m := rx.fullmatch(name)) is not None)
+        alts = (_PLACEHOLDER.sub(lambda p: groups[p.group(1)], t) for t in hit[0].names)
+        return tuple(dict.fromkeys([name, *alts]))
 
     def place(self, tensor_names: Iterable[str], config: Any, *, strict: bool = True) -> dict[str, TensorInfo]:
         """Every tensor's role/layer/expert/layout, in a stable order (embeddings,

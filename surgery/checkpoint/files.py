@@ -249,23 +249,38 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def check_file_target(path: str | Path, overwrite: bool = False, inputs=()) -> None:
-    """Raise CheckpointError now if writing the single file ``path`` would replace
-    a file without ``overwrite``, or land on or inside an input (a model folder, an
-    input file): inputs are never modified."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"output path is a folder: {path} (give a file name)")
-    real = Path(os.path.realpath(path.expanduser()))
-    for src in inputs:
-        if src is None or not isinstance(src, (str, os.PathLike)) or not os.path.exists(src):
-            continue
-        inp = Path(os.path.realpath(Path(src).expanduser()))
-        if real == inp or inp in real.parents:
-            raise CheckpointError(f"output file {path} would {'replace' if real == inp else 'go inside'} the input "
-                                  f"{src}; write it elsewhere")
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"output file exists: {path} (use --overwrite to replace it)")
+def check_file_targets(targets, overwrite: bool = False, inputs=()) -> None:
+    """Raise CheckpointError now if writing single files is bound to fail or would
+    destroy something, before any work: ``targets`` is ``[(what, path)]`` (``what``
+    names the option, e.g. ``--plot``).  Refused: two targets at one path, a target
+    that is an input or lies inside an input folder (``inputs``: paths or other
+    sources; non-paths skipped: inputs are never modified), an
+    existing path without ``overwrite`` or that is not a file, a parent folder
+    that cannot be created or written."""
+    seen: dict[str, str] = {}
+    real_inputs = {os.path.realpath(Path(i).expanduser()): str(i) for i in inputs
+                   if isinstance(i, (str, os.PathLike)) and os.path.exists(i)}
+    for what, path in targets:
+        path = Path(path).expanduser()
+        real = os.path.realpath(path)
+        if real in seen:
+            raise CheckpointError(f"{what} {path} is the same file as {seen[real]}: give distinct output paths")
+        seen[real] = f"{what} {path}"
+        if real in real_inputs:
+            raise CheckpointError(f"{what} {path} is the input {real_inputs[real]}: writing it would destroy it")
+        inside = next((src for r, src in real_inputs.items() if Path(r) in Path(real).parents), None)
+        if inside is not None:
+            raise CheckpointError(f"{what} {path} is inside the input {inside}: write it elsewhere")
+        if path.exists() or path.is_symlink():
+            if not path.is_file():
+                raise CheckpointError(f"{what} {path} exists and is not a file")
+            if not overwrite:
+                raise CheckpointError(f"{what} {path} exists (pass --overwrite to replace it)")
+        parent = Path(os.path.abspath(path)).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{what} {path}: cannot write in {parent}")
 
 
 def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:

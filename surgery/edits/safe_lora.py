@@ -19,7 +19,14 @@ products, over column chunks of X for a full ``dW``.
 Conventions (choices the paper leaves open):
 
 * ``dW = 0``: cosine undefined (NaN), never projected.  ``C dW = 0`` (update
-  orthogonal to V, or ``V = 0``): cosine 0, so it is projected -- to zero.
+  orthogonal to V): cosine 0, so it is projected -- to zero.  ``V = 0`` (the
+  "base" equals the aligned model there) is refused: it would zero every update.
+* Every tensor of the update is a row of the table: LoRA modules, whole tensors
+  an adapter replaces (``modules_to_save``, ``bias="all"``: ``dW = R - W_aligned``)
+  and, for a fine-tuned model, every changed tensor.  Weight matrices are
+  projected as above; the rest (biases, norms; with refusal directions, matrices
+  whose output is not the residual stream) are kept as is, with the reason in
+  the row and a warning.  An update with no projectable matrix is refused.
 * Refusal directions instead of a base model: V holds the unit direction(s) as
   columns, so both projectors are the orthogonal projector onto their span (the
   fast one exactly so for a single direction).  Only modules whose output is the

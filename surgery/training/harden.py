@@ -155,6 +155,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
                                       parameters=params, datasets=datasets, extra=method.manifest_extra())
             files = {**(_adapter_files(adapter_dir) if save_adapter else {}), **method.files(work)}
             write_edited(reader, out, edit, overwrite=overwrite, extra=extra, config_updates=plan.config_updates,
+                         extra_edited=plan.new_edited,
                          files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
         res = TrainedResult(out, method.name, spec.describe(), result.describe(), data.describe(), n_train,
                             method.manifest_extra())

@@ -13,9 +13,9 @@ import contextlib
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..checkpoint import CheckpointReader, CheckpointWriter, sha256_file
 from ..errors import SurgeryError
@@ -64,10 +64,13 @@ def compute_units(lm: LoadedModel, *, positions: str = "all", limit: int | None 
 def units(model: str, out: str | Path = "units.safetensors", *, plot: str | Path | None = None,
           positions: str = "all", limit: int | None = None, max_new_tokens: int = 48, rules: Rules = Rules(),
           batch_size: int = 16, seed: int = 0, revision: str | None = None, allow_pickle: bool = False,
-          device: str | None = None, say: Say | None = None) -> UnitMap:
+          device: str | None = None, overwrite: bool = False, say: Say | None = None) -> UnitMap:
     """``surgery units``: measure, classify, save the map (``out``), its JSON
     summary (``out`` with ``.json``) and the PNG (``plot``, default ``out`` with
-    ``.png``); prints the per-layer shares."""
+    ``.png``); prints the per-layer shares.  The three paths are checked first
+    (distinct, writable, not an input; existing files only with ``overwrite``)
+    and each file is written atomically."""
+    from ..checkpoint.files import check_file_targets, write_text_atomic
     from ..model import load_model
     from ..pipeline import input_info, open_model
 
@@ -76,6 +79,8 @@ def units(model: str, out: str | Path = "units.safetensors", *, plot: str | Path
     if out.suffix != ".safetensors":
         raise SurgeryError(f"unit map {out} must end in .safetensors")
     plot = Path(plot) if plot is not None else out.with_suffix(".png")
+    check_file_targets([("-o", out), ("the summary (-o with .json)", out.with_suffix(".json")), ("--plot", plot)],
+                       overwrite, [model])
     resolved, reader, arch = open_model(model, revision, allow_pickle, say)
     with reader:
         check_supported(arch.model_type)
@@ -85,10 +90,13 @@ def units(model: str, out: str | Path = "units.safetensors", *, plot: str | Path
     umap = compute_units(lm, positions=positions, limit=limit, max_new_tokens=max_new_tokens, rules=rules,
                          batch_size=batch_size, seed=seed, say=say)
     umap.meta["model"] = info
+    umap.plot(plot)
     umap.save(out)
     summary = {**umap.meta, "summary": umap.summary()}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    umap.plot(plot)
+    try:
+        write_text_atomic(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        raise SurgeryError(f"cannot write {out.with_suffix('.json')}: {e.strerror or e}") from None
     say("\n" + umap.format_table())
     say(f"wrote {out}, {out.with_suffix('.json')} and {plot}")
     return umap
@@ -102,27 +110,40 @@ class ProtectResult:
     unit_map: UnitMap
 
 
-def _check_pair(r_al: CheckpointReader, r_ft: CheckpointReader) -> None:
-    a, f = set(r_al.names), set(r_ft.names)
-    if f - a:
-        raise SurgeryError(f"the aligned model in {r_al.folder} has no tensor {min(f - a)}")
-    if a - f:
-        raise SurgeryError(f"the fine-tuned model in {r_ft.folder} has no tensor {min(a - f)}")
+def _check_pair(r_al: CheckpointReader, arch, r_ft: CheckpointReader, arch_ft) -> None:
+    """Same tensors and shapes; a tied lm_head counts as the embedding (merge-lora unties a tied
+    model, so a fine-tune of a tied model may carry an lm_head the aligned model lacks)."""
+    from ..pipeline import _weight
+
+    shapes_al = {n: _weight(r_al, arch, n, True) for n in r_ft.names}
+    missing = [n for n, s in shapes_al.items() if s is None]
+    if missing:
+        raise SurgeryError(f"the aligned model in {r_al.folder} has no tensor {min(missing)}")
+    missing = [n for n in set(r_al.names) - set(r_ft.names) if _weight(r_ft, arch_ft, n, True) is None]
+    if missing:
+        raise SurgeryError(f"the fine-tuned model in {r_ft.folder} has no tensor {min(missing)}")
     for name in r_ft.names:
-        sa, sf = tuple(r_al.shape(name)), tuple(r_ft.shape(name))
+        sa, sf = shapes_al[name], tuple(r_ft.shape(name))
         if sa != sf:
             raise SurgeryError(f"tensor {name}: shape {sa} in the aligned model but {sf} in the fine-tuned model")
 
 
+MEASURE_OPTIONS = ("positions", "limit", "max_new_tokens", "batch_size")
+
+
 def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path | UnitMap | None = None,
-            include_complex: bool = False, classes: Sequence[str] | None = None, positions: str = "all",
-            limit: int | None = None, max_new_tokens: int = 48, rules: Rules = Rules(), batch_size: int = 16,
-            overwrite: bool = False, allow_pickle: bool = False, device: str | None = None,
-            max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> ProtectResult:
+            include_complex: bool = False, classes: Sequence[str] | None = None, positions: str | None = None,
+            limit: int | None = None, max_new_tokens: int | None = None, rules: Rules | Mapping | None = None,
+            batch_size: int | None = None, overwrite: bool = False, allow_pickle: bool = False,
+            device: str | None = None, max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> ProtectResult:
     """``surgery protect``: restore the ``classes`` units (default safety-critical,
     plus complex with ``include_complex``) of ``finetuned`` from ``aligned`` and
     write ``out``.  ``units``: a map from ``surgery units`` run on the aligned
-    model, or None to compute it on the fly (``positions``, ``limit``, ...)."""
+    model, or None to compute it on the fly (``positions`` [all], ``limit``,
+    ``max_new_tokens`` [48], ``batch_size`` [16]: measurement settings, refused
+    with a map, which was measured already).  ``rules`` (a :class:`Rules`, or a
+    mapping of some of top/below/redundant over the map's own or the default
+    rules): with a map, its stored scores are re-classified by them."""
     from ..edits.protect import check_map, plan_restore, restore_slice
     from ..manifest import build_manifest
     from ..model import load_model
@@ -132,6 +153,12 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
     out = Path(out)
     classes = tuple(classes) if classes else ("safety-critical",) + (("complex",) if include_complex else ())
     CheckpointWriter.check_target(out, overwrite, [aligned, finetuned, units if not isinstance(units, UnitMap) else None])
+    if units is not None:
+        settings = dict(zip(MEASURE_OPTIONS, (positions, limit, max_new_tokens, batch_size)))
+        given = [o for o, v in settings.items() if v is not None]
+        if given:
+            raise SurgeryError(f"{', '.join('--' + o.replace('_', '-') for o in given)}: measurement settings, but the "
+                               "unit map given (--units) is measured already; drop them, or drop --units to measure now")
     with contextlib.ExitStack() as stack:
         res_al, r_al, arch = open_model(aligned, None, allow_pickle, say)
         stack.callback(r_al.close)
@@ -140,7 +167,7 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
         if arch_ft.model_type != arch.model_type:
             raise SurgeryError(f"the aligned model is a {arch.model_type} but the fine-tuned one a {arch_ft.model_type}")
         check_supported(arch.model_type)
-        _check_pair(r_al, r_ft)
+        _check_pair(r_al, arch, r_ft, arch_ft)
         matrices = unit_matrices(arch, r_ft.names, r_ft.config, r_ft.shape)
         info_al = input_info(res_al, r_al)
 
@@ -150,11 +177,20 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
         elif units is not None:
             map_file = Path(units)
             umap = UnitMap.load(map_file)
-        else:
+        source_sha = sha256_file(map_file) if units is not None else None
+        if units is not None and rules is not None:
+            old = umap.rules()
+            new = _with_rules(old, rules)
+            if new != old:
+                say(f"re-classifying the map's scores with top={new.top}, below={new.below}, "
+                    f"redundant={new.redundant} (the map's: {old if old is None else vars(old)})")
+                umap = umap.reclassified(new)
+                map_file = umap_save(umap, work)
+        if units is None:
             say("no unit map given: measuring the aligned model's units")
             lm = load_model(res_al.folder, device=device)
-            umap = compute_units(lm, positions=positions, limit=limit, max_new_tokens=max_new_tokens, rules=rules,
-                                 batch_size=batch_size, say=say)
+            umap = compute_units(lm, positions=positions or "all", limit=limit, max_new_tokens=max_new_tokens or 48,
+                                 rules=_with_rules(None, rules), batch_size=batch_size or 16, say=say)
             del lm
             umap.meta["model"] = info_al
             map_file = umap_save(umap, work)
@@ -182,7 +218,9 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
                   "copy": "exact: the aligned model's stored values", "units_map": {
                       "file": "units.safetensors", "sha256": sha256_file(map_file), "rules": umap.meta.get("rules"),
                       "positions": umap.meta.get("positions"), "datasets": umap.meta.get("datasets"),
-                      "measured_on": umap.meta.get("model", {}).get("source")}}
+                      "measured_on": umap.meta.get("model", {}).get("source"),
+                      **({"reclassified_from": {"sha256": source_sha, "rules": umap.meta["reclassified_from"]}}
+                         if "reclassified_from" in umap.meta else {})}}
         manifest = build_manifest(input_info=input_info(res_ft, r_ft), method="protect", parameters=params,
                                   extra={"aligned": info_al, "units_summary": umap.summary()["overall"],
                                          "restored": {"count": len(plan.units), "by_kind_class": counts,
@@ -190,6 +228,13 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
         edited = write_edited(r_ft, out, edit, overwrite=overwrite, files={"units.safetensors": map_file},
                               manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
     return ProtectResult(out, plan.units, edited, umap)
+
+
+def _with_rules(base: Rules | None, rules: Rules | Mapping | None) -> Rules:
+    """``rules`` itself, or its entries over ``base`` (default rules when None)."""
+    if isinstance(rules, Rules):
+        return rules
+    return replace(base or Rules(), **dict(rules or {}))
 
 
 def umap_save(umap: UnitMap, folder: Path) -> Path:

@@ -14,7 +14,7 @@ differ (gemma3 stores ``language_model.model.*``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint.files import save_tensors
 from ..errors import SurgeryError
-from .classify import CLASSES, CODE, NAMED, proportions
+from .classify import CLASSES, CODE, NAMED, Rules, classify, proportions
 
 FORMAT = "surgery.units/1"
 COLOURS = {"other": "#d9d9d9", "safety-critical": "#d62728", "utility-critical": "#1f77b4", "complex": "#9467bd",
@@ -103,6 +103,20 @@ class UnitMap:
         lines.append(f"{'overall':>7} |      {cells(o.get('attn'))} |      {cells(o.get('mlp'))}")
         lines.append("units: " + ", ".join(f"{c} {s['counts'][c]}" for c in CLASSES) + f" (of {s['units']})")
         return "\n".join(lines)
+
+    def rules(self) -> Rules | None:
+        """The rules the map's classes were made with (None if it does not record them)."""
+        r = self.meta.get("rules")
+        try:
+            return Rules(**{k: r[k] for k in ("top", "below", "redundant")}) if isinstance(r, dict) else None
+        except (KeyError, TypeError, SurgeryError):
+            return None
+
+    def reclassified(self, rules: Rules) -> "UnitMap":
+        """The same scores classified with ``rules`` (the meta records the rules it replaced)."""
+        mats = {k: replace(m, classes=classify(m.safety, m.utility, rules)) for k, m in self.matrices.items()}
+        meta = {**self.meta, "rules": rules.describe(), "reclassified_from": self.meta.get("rules")}
+        return UnitMap(mats, meta)
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | Path) -> Path:
