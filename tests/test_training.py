@@ -94,6 +94,31 @@ def test_kl_term_is_zero_before_training_and_ce_is_cross_entropy(tiny_chat):
     pm.unload()
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny GPT-2: its config keeps GPT-2's dropout (0.1 on embeddings, attention and residuals)."""
+    from tiny_chat import make_tiny_chat_model
+
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_gpt2") / "model", model_type="gpt2")
+
+
+def test_training_runs_without_base_model_dropout(tiny_gpt2):
+    """At step 0 (LoRA B = 0) the adapted model is the original, so the KL on kept
+    replies is exactly 0: neither the student nor the reference sees dropout noise."""
+    from surgery.training.data import RefusalData
+
+    lm = load_model(tiny_gpt2)
+    assert lm.model.config.resid_pdrop > 0 and lm.model.config.attn_pdrop > 0
+    data = _data(lm, 3)
+    keep = RefusalData([e for e in data.examples if e.kind == "keep"])  # loss = kl_weight x KL only
+    val = {"harmful": list(builtin("harmful", "val").subset(1).prompts),
+           "harmless": list(builtin("harmless", "val").subset(1).prompts)}
+    pm, _ = attach(lm, LoraSpec(rank=2), seed=0)
+    res = train(lm, pm, keep, val, _cfg(max_steps=1, eval_every=100), progress=False)
+    assert res.losses == [0.0]
+    pm.unload()
+
+
 def _train_once(tiny_chat, seed):
     lm = load_model(tiny_chat)
     data = _data(lm)
