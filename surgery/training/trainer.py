@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..defaults import REFUSAL_TOLERANCE
+from ..errors import SurgeryError
 from ..evaluation.judges import Judge, MarkerJudge
 from ..evaluation.metrics import first_token_kl, first_token_logprobs, refusal_rate
 from ..model import LoadedModel
@@ -73,6 +74,33 @@ class TrainConfig:
 
     def describe(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Refuse values that cannot train (before any work); errors name the CLI option."""
+        def bad(name: str, want: str) -> SurgeryError:
+            return SurgeryError(f"{name} (--{name.replace('_', '-')}) must be {want}, got {getattr(self, name)!r}")
+
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("epochs", "batch_size", "patience", "eval_tokens"):
+            if not integer(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "a positive integer")
+        for name in ("max_steps", "eval_every"):
+            v = getattr(self, name)
+            if v is not None and (not integer(v) or v < 1):
+                raise bad(name, "a positive integer")
+        for name in ("lr", "first_token_weight", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "> 0")
+        for name in ("kl_weight", "weight_decay", "max_kl", "refusal_tolerance"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, ">= 0")
+        for name in ("warmup", "max_over_refusal", "target_refusal"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "between 0 and 1")
+        if self.divergence not in DIVERGENCES:
+            raise bad("divergence", f"one of {', '.join(DIVERGENCES)}")
 
 
 @dataclass
@@ -214,6 +242,7 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
     ``val`` maps ``harmful``/``harmless`` (and optionally ``borderline``) to prompts."""
     say = say or (lambda m: None)
     judge = judge or MarkerJudge()
+    cfg.check()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     params = [p for p in pm.parameters() if p.requires_grad]
