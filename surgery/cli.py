@@ -3,6 +3,7 @@ function of :mod:`surgery.pipeline`.  User errors (SurgeryError) print one line
 and exit 2; nothing is left half-written (outputs are committed atomically)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -36,13 +37,35 @@ def _floats(spec: str) -> list[float]:
         raise click.BadParameter(f"cannot read number list {spec!r}") from None
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (kill, a job scheduler) raises SystemExit(143) instead of ending the
+    process at once, so context managers unwind: temporary folders (SAEs, adapters)
+    are removed and a half-written output is never committed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Group(click.Group):
     def main(self, args=None, *a, **kw):
         """Record the command line (redacted) in every manifest this run writes (see surgery.manifest)."""
         from .manifest import invocation_record, provenance
 
         argv = sys.argv[1:] if args is None else list(args)
-        with provenance(invocation=invocation_record(["surgery", *argv])):
+        with provenance(invocation=invocation_record(["surgery", *argv])), _sigterm_exits():
             return super().main(args, *a, **kw)
 
     def invoke(self, ctx):

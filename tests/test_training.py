@@ -517,3 +517,34 @@ def test_sails_uses_the_layers_of_a_sae_train_folder_and_records_its_parameters(
         one.check(r, get_architecture(r.config))
     assert one.sae_layers == [2] and set(one.saes) == {2}
 
+
+def test_sigterm_removes_the_temporary_folder(tmp_path, tiny_chat):
+    """A lora-sft run killed with SIGTERM during training exits 143 and leaves no /tmp/surgery-* folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = {n: tmp_path / f"{n}.txt" for n in ("harmful", "harmless")}
+    for n, f in prompts.items():
+        f.write_text("\n".join(builtin(n, "train").prompts[:20]))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-c", "from surgery.cli import main; main()", "lora-sft", str(tiny_chat),
+           "-o", str(tmp_path / "o"), "--harmful", str(prompts["harmful"]), "--harmless", str(prompts["harmless"]),
+           "--borderline", "", "--reply-tokens", "2", "--epochs", "1000", "--patience", "1000", "--no-eval"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp.glob("surgery-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert list(tmp.glob("surgery-*")), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        time.sleep(1.0)  # well inside training
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(tmp.glob("surgery-*")) == [] and not (tmp_path / "o").exists()
