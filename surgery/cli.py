@@ -573,7 +573,8 @@ def lora_sft(model, rank, targets, preset, **o):
             n = arch.num_layers(reader.config)
             reader.close()
             layers = list(range(n // 3, n - n // 6))
-    _run_train(LoraSFT(rank=8 if rank is None else rank, targets=tg or ("writers",), layers=layers, preset=preset),
+    _run_train(LoraSFT(rank=8 if rank is None else rank, targets=("writers",) if tg is None else tg, layers=layers,
+                       preset=preset),
                model, o, lr)
 
 
