@@ -3,6 +3,7 @@ function of :mod:`surgery.pipeline`.  User errors (SurgeryError) print one line
 and exit 2; nothing is left half-written (outputs are committed atomically)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -36,13 +37,35 @@ def _floats(spec: str) -> list[float]:
         raise click.BadParameter(f"cannot read number list {spec!r}") from None
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (kill, a job scheduler) raises SystemExit(143) instead of ending the
+    process at once, so context managers unwind: temporary folders (SAEs, adapters)
+    are removed and a half-written output is never committed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Group(click.Group):
     def main(self, args=None, *a, **kw):
         """Record the command line (redacted) in every manifest this run writes (see surgery.manifest)."""
         from .manifest import invocation_record, provenance
 
         argv = sys.argv[1:] if args is None else list(args)
-        with provenance(invocation=invocation_record(["surgery", *argv])):
+        with provenance(invocation=invocation_record(["surgery", *argv])), _sigterm_exits():
             return super().main(args, *a, **kw)
 
     def invoke(self, ctx):
@@ -365,23 +388,30 @@ def sae() -> None:
 @click.option("--layers", required=True, help="Layers whose residual-stream input to train on, e.g. 5,10 or 4-8.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output folder; one SAE per layer in OUT/layer_L/ (SAELens layout).")
-@click.option("--d-sae", type=int, default=None, help="Latents per SAE (default: --expansion x hidden size).")
-@click.option("--expansion", type=int, default=8, show_default=True)
-@click.option("--k", "k", type=int, default=32, show_default=True, help="Active latents per token (TopK).")
-@click.option("--steps", type=int, default=None, help="Training steps (default: 20 epochs).")
-@click.option("--epochs", type=float, default=None, help="Training epochs over the activations.")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(16384 / d_sae)).")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Activations per training step.")
+@click.option("--d-sae", type=click.IntRange(min=1), default=None,
+              help="Latents per SAE (default: --expansion x hidden size).")
+@click.option("--expansion", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--k", "k", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Active latents per token (TopK).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps (default: 20 epochs; not with --epochs).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Training epochs over the activations (not with --steps).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Adam learning rate (default 2e-4 * sqrt(16384 / d_sae)).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Activations per training step.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--corpus", "corpus", multiple=True,
               help="Text file(s) to train on (TXT/JSONL/CSV, repeatable), used as is. Default: the built-in harmful "
                    "and harmless train prompts in the chat template plus the model's own replies.")
 @click.option("--column", default=None, help="Column holding the text in JSONL/CSV corpus files.")
-@click.option("--limit", type=int, default=None, help="At most N texts per prompt set / file.")
-@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Reply length for the default corpus.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N texts per prompt set / file.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Reply length for the default corpus.")
 @click.option("--positions", default="all", show_default=True,
               help="Token positions to train on: all, last, or a comma list like -1,-2.")
-@click.option("--skip-first", type=int, default=1, show_default=True,
+@click.option("--skip-first", type=click.IntRange(min=0), default=1, show_default=True,
               help="With --positions all, leave out each text's first N tokens (the attention sink).")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT/layer_L folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer metrics as JSON.")
@@ -460,19 +490,21 @@ def train_options(f):
     for opt in reversed([
         click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder."),
         click.option("--layers", default=None, help="Adapt only these layers, e.g. 10-24 (default: all)."),
-        click.option("--epochs", type=int, default=3, show_default=True),
-        click.option("--lr", type=float, default=None, help="Learning rate (default: the method's)."),
-        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Learning rate (default: the method's)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--kl-weight", type=float, default=3.0, show_default=True,
+        click.option("--kl-weight", type=click.FloatRange(min=0), default=3.0, show_default=True,
                      help="Weight of the KL to the original on the kept (harmless, borderline) replies."),
-        click.option("--first-token-weight", type=float, default=10.0, show_default=True,
+        click.option("--first-token-weight", type=click.FloatRange(min=0, min_open=True), default=10.0,
+                     show_default=True,
                      help="How many tokens the reply's first token counts for in both losses."),
         click.option("--divergence", type=click.Choice(["symmetric", "forward", "reverse"]), default="symmetric",
                      show_default=True, help="Divergence to the original on kept replies."),
-        click.option("--max-over-refusal", type=float, default=0.10, show_default=True,
+        click.option("--max-over-refusal", type=click.FloatRange(0, 1), default=0.10, show_default=True,
                      help="Early-stopping budget: harmless refusal on the validation split."),
-        click.option("--max-kl", type=float, default=0.3, show_default=True,
+        click.option("--max-kl", type=click.FloatRange(min=0), default=0.3, show_default=True,
                      help="Early-stopping budget: first-token KL on harmless validation prompts."),
         click.option("--refusal-tolerance", type=click.FloatRange(min=0.0), default=REFUSAL_TOLERANCE, show_default=True,
                      help="Keeping the validation point: one within this much harmful refusal of the best so far "
@@ -482,9 +514,9 @@ def train_options(f):
         click.option("--max-steps", type=click.IntRange(min=1), default=None,
                      help="Stop after this many steps (validating there); the learning-rate schedule still spans "
                           "--epochs."),
-        click.option("--reply-tokens", type=int, default=40, show_default=True,
+        click.option("--reply-tokens", type=click.IntRange(min=1), default=40, show_default=True,
                      help="Length of the model's own replies used as kept behaviour."),
-        click.option("--trajectory-tokens", type=int, default=2, show_default=True,
+        click.option("--trajectory-tokens", type=click.IntRange(min=0), default=2, show_default=True,
                      help="Refusal trajectories: tokens of a refusal opening after each kept prompt along which the "
                           "model keeps the original's distribution (0: none)."),
         click.option("--no-own-refusals", is_flag=True,
@@ -505,7 +537,7 @@ def _run_train(method, model, o, default_lr):
     from .training import TrainConfig
     from .training.harden import train_harden
 
-    cfg = TrainConfig(epochs=o["epochs"], lr=o["lr"] or default_lr, batch_size=o["batch_size"], seed=o["seed"],
+    cfg = TrainConfig(epochs=o["epochs"], lr=o["lr"] if o["lr"] is not None else default_lr, batch_size=o["batch_size"], seed=o["seed"],
                       kl_weight=o["kl_weight"], first_token_weight=o["first_token_weight"], divergence=o["divergence"],
                       max_over_refusal=o["max_over_refusal"], max_kl=o["max_kl"],
                       refusal_tolerance=o["refusal_tolerance"], patience=o["patience"], max_steps=o["max_steps"])
@@ -527,21 +559,24 @@ LORA_PRESETS = {
 @main.command("lora-sft")
 @click.argument("model")
 @train_options
-@click.option("--rank", type=int, default=8, show_default=True)
-@click.option("--targets", default="writers", show_default=True,
+@click.option("--rank", type=click.IntRange(min=1), default=None, show_default="8")
+@click.option("--targets", default=None, show_default="writers",
               help="Module kinds (o_proj,down_proj,up_proj...) or writers / attn_out / mlp_out.")
 @click.option("--preset", type=click.Choice(sorted(LORA_PRESETS)), default=None,
-              help="paper: rank 1, up_proj only, middle-to-late layers, lr 5e-5 (Xue & Mirzasoleiman 2025).")
+              help="paper: rank 1, up_proj only, middle-to-late layers, lr 5e-5 (Xue & Mirzasoleiman 2025). "
+                   "--rank, --targets, --layers and --lr given explicitly replace the preset's values.")
 def lora_sft(model, rank, targets, preset, **o):
     """Harden MODEL by plain LoRA refusal fine-tuning, merged into OUT."""
     from .training.harden import LoraSFT
 
     layers = _layers(o["layers"])
-    tg = tuple(t.strip() for t in targets.split(",") if t.strip())
+    tg = None if targets is None else tuple(t.strip() for t in targets.split(",") if t.strip())
     lr = 5e-4
-    if preset:
+    if preset:  # explicit options win over the preset's values
         p = LORA_PRESETS[preset]
-        rank, tg, lr = p["rank"], p["targets"], p["lr"]
+        rank = p["rank"] if rank is None else rank
+        tg = p["targets"] if tg is None else tg
+        lr = p["lr"]
         if layers is None and p["layers"] == "middle-late":
             from .pipeline import open_model
 
@@ -549,7 +584,9 @@ def lora_sft(model, rank, targets, preset, **o):
             n = arch.num_layers(reader.config)
             reader.close()
             layers = list(range(n // 3, n - n // 6))
-    _run_train(LoraSFT(rank=rank, targets=tg, layers=layers), model, o, lr)
+    _run_train(LoraSFT(rank=8 if rank is None else rank, targets=("writers",) if tg is None else tg, layers=layers,
+                       preset=preset),
+               model, o, lr)
 
 
 @main.command()
@@ -557,9 +594,12 @@ def lora_sft(model, rank, targets, preset, **o):
 @train_options
 @click.option("--sae", default=None, help="SAEs: a folder from `surgery sae train` (layer_L/ subfolders), an "
               "SAELens folder or Hub id (default: train TopK SAEs now).")
-@click.option("--sae-layers", default="8,16", show_default=True, help="Layers of the SAEs / safety subspaces.")
-@click.option("--k-features", type=int, default=64, show_default=True, help="SAE features kept per layer.")
-@click.option("--variance", type=float, default=0.80, show_default=True, help="PCA energy kept of their directions.")
+@click.option("--sae-layers", default=None, help="Layers of the SAEs / safety subspaces [default: with --sae, the "
+              "layers of its SAEs (every layer_L/ of a `surgery sae train` folder); SAEs trained now: 8,16].")
+@click.option("--k-features", type=click.IntRange(min=1), default=64, show_default=True,
+              help="SAE features kept per layer.")
+@click.option("--variance", type=click.FloatRange(0, 1, min_open=True), default=0.80, show_default=True,
+              help="PCA energy kept of their directions.")
 @click.option("--contrast", type=click.Choice(["prompt", "response", "both"]), default="both", show_default=True,
               help="Which activations score the features (see surgery.training.sails).")
 @click.option("--train-b", is_flag=True, help="Also train B (default: B = U frozen, only A trains).")
@@ -567,7 +607,7 @@ def sails(model, sae, sae_layers, k_features, variance, contrast, train_b, **o):
     """Harden MODEL with SAILS: LoRA in an SAE-built safety subspace, trained on refusal data, merged into OUT."""
     from .training.sails import Sails
 
-    m = Sails(sae=sae, sae_layers=_layers(sae_layers) or [], layers=_layers(o["layers"]), k_features=k_features,
+    m = Sails(sae=sae, sae_layers=_layers(sae_layers), layers=_layers(o["layers"]), k_features=k_features,
               variance=variance, contrast=contrast, train_b=train_b, seed=o["seed"])
     _run_train(m, model, o, 1e-3)
 

@@ -173,7 +173,7 @@ def test_hub_repo_with_subfolders(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert load_sae("owner/saes/res/layer_3").layer == 3
     assert load_sae("owner/saes", subfolder="res/layer_5").activation == "relu"
-    with pytest.raises(SAEError, match=r"several SAEs \(layer_3, layer_5\).*--sae-subfolder"):
+    with pytest.raises(SAEError, match=r"several SAEs \(layer_3, layer_5\); choose one as"):
         load_sae("owner/saes/res")
     # only small cfg files are listed before the one chosen SAE's weights are fetched
     assert all("safetensors" not in p for p in calls[0][1])
@@ -421,3 +421,17 @@ def test_cli_sae_train_on_corpus_file(tiny_chat, tmp_path):
     metrics = json.loads(res.stdout)["2"]
     cfg = json.loads((tmp_path / "o" / "layer_2" / "cfg.json").read_text())
     assert cfg["surgery"]["corpus"]["texts"] == 12 and cfg["surgery"]["metrics"] == metrics
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--steps", "5", "--epochs", "2"], "give steps or epochs, not both (--steps, --epochs)"),
+    (["--steps", "0"], "--steps"), (["--batch-size", "0"], "--batch-size"), (["--epochs", "0"], "--epochs"),
+    (["--lr", "0"], "--lr"), (["--k", "0"], "--k"), (["--d-sae", "0"], "--d-sae"), (["--expansion", "0"], "--expansion"),
+    (["--limit", "0"], "--limit"), (["--max-new-tokens", "0"], "--max-new-tokens"), (["--skip-first", "-1"], "--skip-first"),
+])
+def test_cli_sae_train_checks_options_before_any_work(tmp_path, args, match):
+    """Refused before the model is even resolved (it does not exist here), with one line and exit 2."""
+    res = CliRunner().invoke(cli, ["sae", "train", str(tmp_path / "no-model"), "--layers", "1",
+                                   "-o", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2 and match in res.output and "no-model" not in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o").exists()

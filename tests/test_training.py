@@ -94,6 +94,31 @@ def test_kl_term_is_zero_before_training_and_ce_is_cross_entropy(tiny_chat):
     pm.unload()
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny GPT-2: its config keeps GPT-2's dropout (0.1 on embeddings, attention and residuals)."""
+    from tiny_chat import make_tiny_chat_model
+
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_gpt2") / "model", model_type="gpt2")
+
+
+def test_training_runs_without_base_model_dropout(tiny_gpt2):
+    """At step 0 (LoRA B = 0) the adapted model is the original, so the KL on kept
+    replies is exactly 0: neither the student nor the reference sees dropout noise."""
+    from surgery.training.data import RefusalData
+
+    lm = load_model(tiny_gpt2)
+    assert lm.model.config.resid_pdrop > 0 and lm.model.config.attn_pdrop > 0
+    data = _data(lm, 3)
+    keep = RefusalData([e for e in data.examples if e.kind == "keep"])  # loss = kl_weight x KL only
+    val = {"harmful": list(builtin("harmful", "val").subset(1).prompts),
+           "harmless": list(builtin("harmless", "val").subset(1).prompts)}
+    pm, _ = attach(lm, LoraSpec(rank=2), seed=0)
+    res = train(lm, pm, keep, val, _cfg(max_steps=1, eval_every=100), progress=False)
+    assert res.losses == [0.0]
+    pm.unload()
+
+
 def _train_once(tiny_chat, seed):
     lm = load_model(tiny_chat)
     data = _data(lm)
@@ -340,3 +365,186 @@ def test_trainer_options_refuse_bad_values_before_loading(tmp_path, args, name):
 
     res = CliRunner().invoke(cli, ["lora-sft", str(tmp_path / "missing"), "-o", str(tmp_path / "o"), *args])
     assert res.exit_code == 2 and name in res.output and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- CLI: options, presets, early checks
+def _cli(args):
+    from click.testing import CliRunner
+
+    from surgery.cli import main as cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a training command gets as far as loading the model (refusal data comes after)."""
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr("surgery.training.harden.load_model", boom)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """lora-sft's method and learning rate as the CLI resolves them, without training."""
+    seen = {}
+
+    def fake(method, model, o, default_lr):
+        seen.update(spec=method.spec, preset=method.preset, lr=o["lr"] if o["lr"] is not None else default_lr)
+
+    monkeypatch.setattr("surgery.cli._run_train", fake)
+    return seen
+
+
+@pytest.mark.parametrize("args,want", [
+    ([], dict(rank=8, targets=("writers",), layers=None, lr=5e-4, preset=None)),
+    (["--preset", "paper"], dict(rank=1, targets=("up_proj",), layers=[1, 2, 3], lr=5e-5, preset="paper")),
+    (["--preset", "paper", "--rank", "4", "--targets", "down_proj", "--layers", "0-1", "--lr", "1e-3"],
+     dict(rank=4, targets=("down_proj",), layers=[0, 1], lr=1e-3, preset="paper")),
+    (["--preset", "paper", "--rank", "8"], dict(rank=8, targets=("up_proj",), layers=[1, 2, 3], lr=5e-5, preset="paper")),
+])
+def test_lora_sft_explicit_options_win_over_the_preset(tmp_path, tiny_chat, captured, args, want):
+    res = _cli(["lora-sft", tiny_chat, "-o", tmp_path / "o", *args])
+    assert res.exit_code == 0, res.output
+    spec = captured["spec"]
+    got = dict(rank=spec.rank, targets=spec.targets, layers=spec.layers, lr=captured["lr"], preset=captured["preset"])
+    assert got == want
+
+
+@pytest.mark.parametrize("args,name", [
+    (["--lr", "0"], "--lr"), (["--batch-size", "0"], "--batch-size"), (["--rank", "0"], "--rank"),
+    (["--epochs", "0"], "--epochs"), (["--reply-tokens", "0"], "--reply-tokens"),
+    (["--trajectory-tokens", "-1"], "--trajectory-tokens"), (["--first-token-weight", "0"], "--first-token-weight"),
+    (["--kl-weight", "-1"], "--kl-weight"), (["--max-over-refusal", "1.5"], "--max-over-refusal"),
+])
+def test_lora_sft_refuses_non_positive_numbers(tmp_path, tiny_chat, no_model_load, args, name):
+    res = _cli(["lora-sft", tiny_chat, "-o", tmp_path / "o", *args])
+    assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,name", [
+    (["--k-features", "0"], "--k-features"), (["--variance", "0"], "--variance"), (["--variance", "1.2"], "--variance"),
+    (["--epochs", "0"], "--epochs"),
+])
+def test_sails_refuses_bad_numbers(tmp_path, tiny_chat, no_model_load, args, name):
+    res = _cli(["sails", tiny_chat, "-o", tmp_path / "o", *args])
+    assert res.exit_code == 2 and name in res.output, res.output
+
+
+def test_train_config_is_checked_before_any_work(tmp_path, tiny_chat, no_model_load):
+    """API callers get the CLI's checks: epochs 0 would otherwise merge untrained (B = 0) adapters."""
+    for bad, name in ((dict(epochs=0), "--epochs"), (dict(lr=0.0), "--lr"), (dict(batch_size=0), "--batch-size")):
+        with pytest.raises(SurgeryError, match=name):
+            train_harden(str(tiny_chat), tmp_path / "o", LoraSFT(rank=2), config=_cfg(**bad), **SMALL)
+    with pytest.raises(SurgeryError, match="--rank"):
+        LoraSFT(rank=0)
+    assert not (tmp_path / "o").exists()
+
+
+def _saes(folder, layers, d_in=32, d_sae=64):
+    from surgery.sae import random_sae
+
+    for layer in layers:
+        random_sae(d_in=d_in, d_sae=d_sae, k=4, seed=layer, hook_name=f"blocks.{layer}.hook_resid_pre").save(
+            folder / f"layer_{layer}")
+    return folder
+
+
+@pytest.mark.parametrize("case,match", [
+    ("lora_layers", r"LoRA layers \(--layers\) \[4, 5, 6, 7, 8, 9\] out of range \(the model has 4 layers"),
+    ("lora_targets", r"\['bogus'\] not found .*--targets"),
+    ("gpt2_up_proj", r"\['up_proj'\] not found in model_type 'gpt2'"),
+    ("sails_default_layers", r"SAE layers \(--sae-layers, default 8,16\) \[8, 16\] out of range"),
+    ("sails_sae_layers", r"SAE layers \(--sae-layers\) \[5\] out of range"),
+    ("sails_layers", r"LoRA layers \(--layers\) \[7\] out of range"),
+    ("sails_missing_sae", "SAE not found: nonexistent_dir"),
+    ("sails_sae_mismatch", r"is one SAE, at layer 1 \(blocks.1.hook_resid_pre\), but --sae-layers asks for 2"),
+    ("sails_folder_missing_layers", r"has no SAE for --sae-layers 3 \(no layer_3/\); it holds layers 1,2"),
+    ("sails_sae_width", "width d_in=48"),
+])
+def test_plan_is_checked_before_the_model_is_loaded(tmp_path, tiny_chat, tiny_gpt2, no_model_load, case, match):
+    saes = _saes(tmp_path / "saes", (1, 2))
+    wide = _saes(tmp_path / "wide", (1,), d_in=48)
+    args = {"lora_layers": ["lora-sft", tiny_chat, "--layers", "2-9"],
+            "lora_targets": ["lora-sft", tiny_chat, "--targets", "bogus"],
+            "gpt2_up_proj": ["lora-sft", tiny_gpt2, "--targets", "up_proj"],
+            "sails_default_layers": ["sails", tiny_chat],
+            "sails_sae_layers": ["sails", tiny_chat, "--sae-layers", "1,5"],
+            "sails_layers": ["sails", tiny_chat, "--sae-layers", "1", "--layers", "7"],
+            "sails_missing_sae": ["sails", tiny_chat, "--sae", "nonexistent_dir"],
+            "sails_sae_mismatch": ["sails", tiny_chat, "--sae", saes / "layer_1", "--sae-layers", "2"],
+            "sails_folder_missing_layers": ["sails", tiny_chat, "--sae", saes, "--sae-layers", "1,3"],
+            "sails_sae_width": ["sails", tiny_chat, "--sae", wide],
+            }[case]
+    res = _cli([*args, "-o", tmp_path / "o"])
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in res.output, res.output  # one line, after the model line
+    import re
+
+    assert re.search(match, last), res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_sails_uses_the_layers_of_a_sae_train_folder_and_records_its_parameters(tmp_path, tiny_chat):
+    """--sae FOLDER (layer_1/, layer_2/ as `surgery sae train` writes them) without --sae-layers uses
+    both; every SAILS parameter is in the manifest's method parameters and on the card."""
+    saes = _saes(tmp_path / "saes", (1, 2))
+    out = tmp_path / "sails"
+    train_harden(str(tiny_chat), out, Sails(sae=str(saes), k_features=8, variance=0.7, contrast="prompt"),
+                 config=_cfg(epochs=1), **SMALL)
+    man = read_manifest(out)
+    assert set(man["sails"]["subspace"]) == {"1", "2"}
+    p = man["method"]["parameters"]
+    assert {k: p[k] for k in ("sae", "sae_layers", "k_features", "variance", "contrast", "train_b", "response_tokens",
+                              "targets", "layers", "sae_training")} == {
+        "sae": str(saes), "sae_layers": [1, 2], "k_features": 8, "variance": 0.7, "contrast": "prompt",
+        "train_b": False, "response_tokens": 4, "targets": ["writers"], "layers": None, "sae_training": None}
+    assert verify(out) == []
+    res = _cli(["card", out])
+    assert res.exit_code == 0, res.output
+    card = (out / "README.md").read_text()
+    for key in ("variance", "k_features", "sae_layers", "contrast"):
+        assert f"`{key}`" in card, key
+    # a single SAE folder: its own layer is the default
+    one = Sails(sae=str(saes / "layer_2"))
+    from surgery.checkpoint import CheckpointReader
+    from surgery.architectures import get_architecture
+
+    with CheckpointReader(tiny_chat) as r:
+        one.check(r, get_architecture(r.config))
+    assert one.sae_layers == [2] and set(one.saes) == {2}
+
+
+def test_sigterm_removes_the_temporary_folder(tmp_path, tiny_chat):
+    """A lora-sft run killed with SIGTERM during training exits 143 and leaves no /tmp/surgery-* folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = {n: tmp_path / f"{n}.txt" for n in ("harmful", "harmless")}
+    for n, f in prompts.items():
+        f.write_text("\n".join(builtin(n, "train").prompts[:20]))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-c", "from surgery.cli import main; main()", "lora-sft", str(tiny_chat),
+           "-o", str(tmp_path / "o"), "--harmful", str(prompts["harmful"]), "--harmless", str(prompts["harmless"]),
+           "--borderline", "", "--reply-tokens", "2", "--epochs", "1000", "--patience", "1000", "--no-eval"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp.glob("surgery-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert list(tmp.glob("surgery-*")), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        time.sleep(1.0)  # well inside training
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(tmp.glob("surgery-*")) == [] and not (tmp_path / "o").exists()

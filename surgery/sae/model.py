@@ -321,7 +321,7 @@ def load_sae_folder(folder: str | Path, label: str | None = None) -> SAE:
         below = _saes_below(folder)
         if below:
             shown = ", ".join(below[:8]) + (f" (and {len(below) - 8} more)" if len(below) > 8 else "")
-            raise SAEError(f"{label} holds several SAEs ({shown}); choose one as {label}/<subfolder> or with --sae-subfolder")
+            raise SAEError(f"{label} holds several SAEs ({shown}); choose one as {label}/<subfolder>")
         raise SAEError(f"{label} is not an SAE folder: {cfg_path} not found")
     if not w_path.is_file():
         raise SAEError(f"SAE weights not found: {w_path}")

@@ -81,6 +81,20 @@ def check_sizes(d_sae: int, k: int) -> None:
         raise SAEError(f"k={k} is larger than d_sae={d_sae}: a TopK SAE keeps k of its d_sae latents")
 
 
+def check_schedule(steps: int | None, epochs: float | None, batch_size: int, lr: float | None) -> None:
+    """The checks on the training length and step that can be made before any work."""
+    if steps is not None and epochs is not None:
+        raise SAEError("give steps or epochs, not both (--steps, --epochs)")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise SAEError(f"steps (--steps) must be a positive integer, got {steps!r}")
+    if epochs is not None and not epochs > 0:
+        raise SAEError(f"epochs (--epochs) must be positive, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SAEError(f"batch_size (--batch-size) must be a positive integer, got {batch_size!r}")
+    if lr is not None and not lr > 0:
+        raise SAEError(f"lr (--lr) must be positive, got {lr!r}")
+
+
 def default_lr(d_sae: int) -> float:
     return 2e-4 * math.sqrt(16384 / d_sae)
 
@@ -125,14 +139,7 @@ def train_sae(acts: torch.Tensor, d_sae: int, k: int, *, steps: int | None = Non
     (:func:`evaluate_sae` on ``acts`` plus the training settings)."""
     _check_acts(acts)
     check_sizes(d_sae, k)
-    if steps is not None and epochs is not None:
-        raise SAEError("give steps or epochs, not both")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise SAEError(f"steps must be a positive integer, got {steps!r}")
-    if epochs is not None and not epochs > 0:
-        raise SAEError(f"epochs must be positive, got {epochs!r}")
-    if batch_size < 1:
-        raise SAEError(f"batch_size must be positive, got {batch_size!r}")
+    check_schedule(steps, epochs, batch_size, lr)
     if b_dec_init not in ("median", "mean"):
         raise SAEError(f"b_dec_init must be 'median' or 'mean', got {b_dec_init!r}")
     n, d = acts.shape
@@ -238,6 +245,7 @@ def train_model_saes(source: str, out: str | Path, layers: Sequence[int], *, d_s
     say = say or (lambda m: log.info(m))
     if not layers:
         raise SAEError("no layers given (e.g. --layers 5,10)")
+    check_schedule(steps, epochs, batch_size, lr)
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     try:
         hidden, num_layers = arch.hidden_size(reader.config), arch.num_layers(reader.config)
@@ -280,5 +288,5 @@ def train_model_saes(source: str, out: str | Path, layers: Sequence[int], *, d_s
     return results
 
 
-__all__ = ["train_sae", "evaluate_sae", "geometric_median", "train_model_saes", "check_sizes", "default_lr",
-           "layer_folder"]
+__all__ = ["train_sae", "evaluate_sae", "geometric_median", "train_model_saes", "check_sizes", "check_schedule",
+           "default_lr", "layer_folder"]

@@ -21,7 +21,7 @@ from ..errors import SurgeryError
 from ..manifest import build_manifest, update_manifest
 from ..model import LoadedModel, load_model
 from .data import RefusalData, build_refusal_data
-from .lora import LoraSpec, attach, trainable_parameters
+from .lora import LoraSpec, attach, select_targets, trainable_parameters
 from .trainer import TrainConfig, TrainResult, train
 
 Say = Callable[[str], None]
@@ -44,8 +44,17 @@ class TrainMethod:
     artifacts it was built from)."""
     name = "train"
 
+    def check(self, reader, arch) -> None:
+        """The plan checked on the checkpoint alone (tensor names and config), before
+        the model is loaded and any refusal data is generated: targets that exist,
+        layers in range, SAE sources that fit.  Raises SurgeryError."""
+
     def build_spec(self, lm: LoadedModel, prompts, data: RefusalData, work: Path, say: Say) -> LoraSpec:
         raise NotImplementedError
+
+    def parameters(self) -> dict:
+        """The method's own parameters, recorded in the manifest's method parameters."""
+        return {}
 
     def manifest_extra(self) -> dict:
         return {}
@@ -59,11 +68,20 @@ class LoraSFT(TrainMethod):
     name = "lora-sft"
 
     def __init__(self, rank: int = 8, targets: Sequence[str] = ("writers",), layers: Sequence[int] | None = None,
-                 alpha: float | None = None):
+                 alpha: float | None = None, preset: str | None = None):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise SurgeryError(f"LoRA rank must be a positive integer (--rank), got {rank!r}")
         self.spec = LoraSpec(rank=rank, alpha=alpha, targets=tuple(targets), layers=layers)
+        self.preset = preset
+
+    def check(self, reader, arch) -> None:
+        select_targets(reader.names, arch, reader.config, self.spec)
 
     def build_spec(self, lm, prompts, data, work, say):
         return self.spec
+
+    def parameters(self) -> dict:
+        return {"preset": self.preset} if self.preset else {}
 
 
 def _stable_adapter_config(path: Path) -> None:
@@ -97,6 +115,11 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
     prompts = prompts or PromptConfig()
     CheckpointWriter.check_target(out, overwrite, [source, unit_mask, *prompts.sources()])
     config = config or TrainConfig()
+    config.check()
+    if isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int) or reply_tokens < 1:
+        raise SurgeryError(f"reply_tokens (--reply-tokens) must be a positive integer, got {reply_tokens!r}")
+    if isinstance(refusal_trajectories, bool) or not isinstance(refusal_trajectories, int) or refusal_trajectories < 0:
+        raise SurgeryError(f"refusal_trajectories (--trajectory-tokens) must be an integer >= 0, got {refusal_trajectories!r}")
     umap = None
     if unit_mask is not None:  # the SSAH "alignment budget": updates only in these units' channels
         from ..units.unitmap import UnitMap
@@ -104,6 +127,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
         umap = UnitMap.load(unit_mask)
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
+        method.check(reader, arch)  # before the model is loaded and the refusal data generated
         sets = ["harmful", "harmless"] + (["borderline"] if prompts.borderline else [])
         train_sets = {k: prompts.train(k) for k in sets}
         val = {k: prompts.val(k) for k in sets}
@@ -146,7 +170,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
             adapter = load_adapter(adapter_dir)
             plan = adapter.check_against(reader)
             edit, extra = merge_edit(reader, adapter, plan)
-            params = {"lora": spec.describe(), "training": config.describe(), "trainable_parameters": n_train,
+            params = {**method.parameters(), "lora": spec.describe(), "training": config.describe(),
+                      "trainable_parameters": n_train,
                       "unit_mask": mask_record,
                       "modules": [t.module for t in targets], "result": result.describe(),
                       "merge": "W' = W + (lora_alpha / r) * B @ A, computed in float32, stored in the input dtype"}

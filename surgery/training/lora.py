@@ -16,7 +16,7 @@ Initialisation:
   gets ``B = U`` (``d x r``, orthonormal, from the safety subspace assigned to
   that layer) and ``A = 0``; B is frozen unless ``train_b``, so every update
   ``B A`` lies in span(U).  A *reader* (e.g. ``up_proj``) gets ``A = U^T`` and
-  ``B = 0``: the update reads only the subspace.  Rank per module = the
+  ``B = 0``, both trainable: the update reads only the subspace at the start.  Rank per module = the
   subspace's rank; scaling 1 (``lora_alpha = r``).
 """
 from __future__ import annotations
@@ -62,8 +62,14 @@ class Target:
 
 
 def find_targets(lm: LoadedModel, spec: LoraSpec) -> list[Target]:
-    names = [n for n, _ in lm.model.named_parameters()]
-    infos = lm.arch.place(names, lm.config, strict=False)
+    return select_targets([n for n, _ in lm.model.named_parameters()], lm.arch, lm.config, spec)
+
+
+def select_targets(names: Sequence[str], arch, config, spec: LoraSpec) -> list[Target]:
+    """The modules ``spec`` adapts among tensor ``names`` (a live model's parameters,
+    or a checkpoint's tensors: the cheap check before any work, see
+    :meth:`surgery.training.harden.TrainMethod.check`)."""
+    infos = arch.place(names, config, strict=False)
     roles: set[str] = set()
     kinds: set[str] = set()
     for t in spec.targets:
@@ -71,22 +77,27 @@ def find_targets(lm: LoadedModel, spec: LoraSpec) -> list[Target]:
             roles.update(WRITER_ALIASES[t])
         else:
             kinds.add(t)
-    n_layers = lm.num_layers
+    n_layers = arch.num_layers(config)
     layers = set(range(n_layers)) if spec.layers is None else set(spec.layers)
-    check_layers(layers, n_layers, "LoRA layers")
+    check_layers(layers, n_layers, "LoRA layers (--layers)")
     out: list[Target] = []
     found_kinds: set[str] = set()
+    kinds_there: set[str] = set()
     for name, info in infos.items():
         if info.layer is None or info.layer not in layers or not name.endswith(".weight") or info.expert is not None:
             continue
         module = name[: -len(".weight")]
         kind = module.rsplit(".", 1)[-1]
+        if info.layout in ("in_out", "out_in"):
+            kinds_there.add(kind)  # the matrices (norms and biases are no LoRA targets)
         if info.role in roles or kind in kinds:
             out.append(Target(module, info.layer, info.writes_residual))
             found_kinds.add(kind)
     missing = sorted(k for k in kinds if k not in found_kinds)
     if missing:
-        raise SurgeryError(f"LoRA target module kind(s) {missing} not found in model_type '{lm.arch.model_type}'")
+        raise SurgeryError(f"LoRA target module kind(s) {missing} not found in model_type '{arch.model_type}' "
+                           f"(--targets; it has {', '.join(sorted(kinds_there)) or 'none'} in the chosen layers, "
+                           f"or the aliases {', '.join(WRITER_ALIASES)})")
     if not out:
         raise SurgeryError("LoRA has no module to adapt (check the targets and --layers)")
     out.sort(key=lambda t: (t.layer, t.module))

@@ -51,37 +51,94 @@ def _texts(lm: LoadedModel, data: RefusalData, origins: tuple[str, ...], reply_t
     return out
 
 
+DEFAULT_SAE_LAYERS = (8, 16)  # SAEs trained now; with --sae, the layers of the SAEs given
+
+
 class Sails(TrainMethod):
     name = "sails"
 
-    def __init__(self, sae: str | None = None, sae_layers: Sequence[int] = (8, 16), layers: Sequence[int] | None = None,
-                 targets: Sequence[str] = ("writers",), k_features: int = 64, variance: float = 0.80,
-                 contrast: str = "both", train_b: bool = False, d_sae: int | None = None, sae_k: int = 32,
-                 sae_epochs: float = 5.0, response_tokens: int = 4, seed: int = 0):
+    def __init__(self, sae: str | None = None, sae_layers: Sequence[int] | None = None,
+                 layers: Sequence[int] | None = None, targets: Sequence[str] = ("writers",), k_features: int = 64,
+                 variance: float = 0.80, contrast: str = "both", train_b: bool = False, d_sae: int | None = None,
+                 sae_k: int = 32, sae_epochs: float = 5.0, response_tokens: int = 4, seed: int = 0):
         if contrast not in CONTRASTS:
             raise SurgeryError(f"SAILS contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
-        if not sae_layers:
-            raise SurgeryError("SAILS needs at least one SAE layer")
-        self.sae_source, self.sae_layers = sae, sorted(set(int(x) for x in sae_layers))
+        if sae_layers is not None and not sae_layers:
+            raise SurgeryError("SAILS needs at least one SAE layer (--sae-layers)")
+        if isinstance(k_features, bool) or not isinstance(k_features, int) or k_features < 1:
+            raise SurgeryError(f"--k-features must be a positive integer, got {k_features!r}")
+        if not 0 < variance <= 1:
+            raise SurgeryError(f"--variance must be in (0, 1], got {variance!r}")
+        if not sae_epochs > 0 or isinstance(response_tokens, bool) or not isinstance(response_tokens, int) \
+                or response_tokens < 1:
+            raise SurgeryError(f"SAILS needs sae_epochs > 0 and response_tokens >= 1, got {sae_epochs!r}, "
+                               f"{response_tokens!r}")
+        self.sae_source = sae
+        self.sae_layers = None if sae_layers is None else sorted(set(int(x) for x in sae_layers))
         self.layers, self.targets = layers, tuple(targets)
         self.k_features, self.variance, self.contrast, self.train_b = k_features, variance, contrast, train_b
         self.d_sae, self.sae_k, self.sae_epochs, self.response_tokens, self.seed = d_sae, sae_k, sae_epochs, \
             response_tokens, seed
+        self.saes: dict = {}  # layer -> SAE, loaded by check() (or trained in build_spec)
         self.subspaces: dict = {}
         self.record: dict = {}
 
-    # ------------------------------------------------------------------ SAEs
-    def _load_saes(self, lm: LoadedModel) -> dict:
-        from ..sae import load_sae
-        from ..sae.train import layer_folder
+    # ------------------------------------------------------------------ plan
+    def check(self, reader, arch) -> None:
+        """Before any work: the adapted modules, the SAE layers, and the SAEs given
+        (loaded here: width and layer checked) or the sizes of those to train."""
+        from ..architectures import check_layers
+        from ..sae.train import check_sizes
+        from .lora import select_targets
 
-        saes = {}
-        root = Path(self.sae_source).expanduser()
-        for layer in self.sae_layers:
-            sub = layer_folder(root, layer)
-            sae = load_sae(sub) if sub.is_dir() else load_sae(self.sae_source)
-            sae.check_against(lm.hidden_size, lm.num_layers, layer)
-            saes[layer] = sae
+        select_targets(reader.names, arch, reader.config, LoraSpec(targets=self.targets, layers=self.layers))
+        hidden, n_layers = arch.hidden_size(reader.config), arch.num_layers(reader.config)
+        if self.sae_source:
+            self.saes = self._load_saes(hidden, n_layers)
+            self.sae_layers = sorted(self.saes)
+            return
+        given = self.sae_layers is not None
+        self.sae_layers = self.sae_layers if given else list(DEFAULT_SAE_LAYERS)
+        check_layers(self.sae_layers, n_layers, "SAE layers (--sae-layers" + ("" if given else ", default 8,16") + ")")
+        self.d_sae = self.d_sae or 4 * hidden
+        check_sizes(self.d_sae, self.sae_k)
+
+    # ------------------------------------------------------------------ SAEs
+    def _load_saes(self, hidden: int, n_layers: int) -> dict:
+        """The SAEs of ``--sae``: a ``surgery sae train`` folder (``layer_L/``
+        subfolders; default: all its layers), or one SAE (folder or Hub id;
+        default: its own layer).  ``--sae-layers`` picks among them."""
+        import re
+
+        from ..sae import load_sae
+        from ..sae.model import CFG_FILE
+
+        src = self.sae_source
+        root = Path(src).expanduser()
+        folders = {}
+        if root.is_dir() and not (root / CFG_FILE).is_file():
+            folders = {int(m.group(1)): p for p in root.iterdir()
+                       if (m := re.fullmatch(r"layer_(\d+)", p.name)) and (p / CFG_FILE).is_file()}
+        if folders:
+            layers = self.sae_layers if self.sae_layers is not None else sorted(folders)
+            missing = [l for l in layers if l not in folders]
+            if missing:
+                raise SurgeryError(f"--sae {src} has no SAE for --sae-layers {','.join(map(str, missing))} "
+                                   f"(no layer_{missing[0]}/); it holds layers {','.join(map(str, sorted(folders)))}")
+            saes = {l: load_sae(folders[l]) for l in layers}
+        else:
+            sae = load_sae(src)
+            if sae.layer is None:
+                raise SurgeryError(f"--sae {src} is hooked at {sae.hook_name!r}, not a residual-stream input "
+                                   "(blocks.L.hook_resid_pre)")
+            layers = self.sae_layers if self.sae_layers is not None else [sae.layer]
+            wrong = [l for l in layers if l != sae.layer]
+            if wrong:
+                raise SurgeryError(f"--sae {src} is one SAE, at layer {sae.layer} ({sae.hook_name}), but --sae-layers "
+                                   f"asks for {','.join(map(str, wrong))}")
+            saes = {l: sae for l in layers}
+        for layer, sae in saes.items():
+            sae.check_against(hidden, n_layers, layer)
         return saes
 
     def _train_saes(self, lm: LoadedModel, data: RefusalData, work: Path, say) -> dict:
@@ -89,7 +146,7 @@ class Sails(TrainMethod):
         from ..sae.model import hook_name_for_layer
         from ..sae.train import check_sizes, layer_folder
 
-        d_sae = self.d_sae or 4 * lm.hidden_size
+        d_sae = self.d_sae = self.d_sae or 4 * lm.hidden_size
         check_sizes(d_sae, self.sae_k)
         texts = _texts(lm, data, REFUSALS, None) + _texts(lm, data, ANSWERS, None)
         say(f"training SAEs at layers {self.sae_layers} (d_sae {d_sae}, k {self.sae_k}) on {len(texts)} texts "
@@ -111,7 +168,11 @@ class Sails(TrainMethod):
         from ..directions import post_instruction_positions
         from ..sae import collect_activations, safety_subspace
 
-        saes = self._load_saes(lm) if self.sae_source else self._train_saes(lm, data, work, say)
+        if not self.saes and self.sae_source:
+            self.saes = self._load_saes(lm.hidden_size, lm.num_layers)
+        if self.sae_layers is None:
+            self.sae_layers = list(DEFAULT_SAE_LAYERS)
+        saes = self.saes or self._train_saes(lm, data, work, say)
         pos = post_instruction_positions(lm.tokenizer)
         harm_p = [e.prompt for e in data.examples if e.origin in REFUSALS]
         safe_p = [e.prompt for e in data.examples if e.origin in ANSWERS]
@@ -164,6 +225,15 @@ class Sails(TrainMethod):
         return LoraSpec(rank=max(s.rank for s in self.subspaces.values()), targets=self.targets, layers=self.layers,
                         init="subspace", subspace={l: s.U.float() for l, s in self.subspaces.items()},
                         train_b=self.train_b, extra={"method": "sails"})
+
+    def parameters(self) -> dict:
+        trained_now = not self.sae_source
+        return {"sae": self.sae_source or "trained now", "sae_layers": self.sae_layers, "targets": list(self.targets),
+                "layers": None if self.layers is None else list(self.layers), "k_features": self.k_features,
+                "variance": self.variance, "contrast": self.contrast, "response_tokens": self.response_tokens,
+                "train_b": self.train_b,
+                "sae_training": {"d_sae": self.d_sae, "k": self.sae_k, "epochs": self.sae_epochs, "seed": self.seed}
+                if trained_now else None}
 
     def manifest_extra(self) -> dict:
         return {"sails": self.record}

@@ -16,9 +16,18 @@ within the over-refusal and KL budgets (the same rule as strength sweeps,
 :func:`surgery.tuning.choose`); training stops early once harmful refusal
 reaches ``target_refusal`` within budget, or after ``patience`` validations
 without a better point.  Deterministic on CPU for a given seed.
+
+Dropout: the base model trains with its dropout off (:func:`train_mode`), and
+the original's logits are always computed without it (:func:`_dropout_off`).
+Safety fine-tuning distils the original's distributions on kept replies; with
+base-model dropout on (GPT-2: 0.1) the adapted model at ``B = 0`` would already
+differ from the original, so the KL would train against dropout noise rather
+than against the adapters' change.  PEFT's own adapter dropout (``lora_dropout``,
+0 in :func:`surgery.training.lora.attach`) is left in training mode.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -29,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..defaults import REFUSAL_TOLERANCE
+from ..errors import SurgeryError
 from ..evaluation.judges import Judge, MarkerJudge
 from ..evaluation.metrics import first_token_kl, first_token_logprobs, refusal_rate
 from ..model import LoadedModel
@@ -64,6 +74,33 @@ class TrainConfig:
 
     def describe(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Refuse values that cannot train (before any work); errors name the CLI option."""
+        def bad(name: str, want: str) -> SurgeryError:
+            return SurgeryError(f"{name} (--{name.replace('_', '-')}) must be {want}, got {getattr(self, name)!r}")
+
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("epochs", "batch_size", "patience", "eval_tokens"):
+            if not integer(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "a positive integer")
+        for name in ("max_steps", "eval_every"):
+            v = getattr(self, name)
+            if v is not None and (not integer(v) or v < 1):
+                raise bad(name, "a positive integer")
+        for name in ("lr", "first_token_weight", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "> 0")
+        for name in ("kl_weight", "weight_decay", "max_kl", "refusal_tolerance"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, ">= 0")
+        for name in ("warmup", "max_over_refusal", "target_refusal"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "between 0 and 1")
+        if self.divergence not in DIVERGENCES:
+            raise bad("divergence", f"one of {', '.join(DIVERGENCES)}")
 
 
 @dataclass
@@ -143,6 +180,28 @@ def divergence(t_lp: torch.Tensor, s_lp: torch.Tensor, kind: str = "symmetric") 
     return fwd + rev
 
 
+def train_mode(pm) -> None:
+    """Training mode for the adapters only: every base-model module in eval
+    mode (no dropout), PEFT's ``lora_dropout`` modules in train mode."""
+    pm.eval()
+    for m in pm.modules():
+        drop = getattr(m, "lora_dropout", None)
+        if isinstance(drop, torch.nn.Module):
+            drop.train()
+
+
+@contextlib.contextmanager
+def _dropout_off(model):
+    """Every module in eval mode inside, each module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
 def _loss(pm, b: dict, kl_weight: float, first: float = 1.0, kind: str = "symmetric") -> tuple[torch.Tensor, dict]:
     out = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
     logits = out.logits.float()
@@ -159,7 +218,7 @@ def _loss(pm, b: dict, kl_weight: float, first: float = 1.0, kind: str = "symmet
         parts["ce"] = float(ce.detach())
     keep_rows = ~ref_rows
     if keep_rows.any() and kl_weight > 0:
-        with torch.no_grad(), pm.disable_adapter():
+        with torch.no_grad(), pm.disable_adapter(), _dropout_off(pm):  # the original: no adapters, no dropout
             t_logits = pm(input_ids=b["input_ids"][keep_rows], attention_mask=b["attention_mask"][keep_rows],
                           use_cache=False).logits.float()
         sel = b["tgt"][keep_rows]
@@ -183,6 +242,7 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
     ``val`` maps ``harmful``/``harmless`` (and optionally ``borderline``) to prompts."""
     say = say or (lambda m: None)
     judge = judge or MarkerJudge()
+    cfg.check()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -224,7 +284,7 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
             since_best = 0
         else:
             since_best += 1
-        pm.train()
+        train_mode(pm)
         if res.best is not None and res.best["harmful_refusal"] >= cfg.target_refusal:
             res.stopped = f"target refusal {cfg.target_refusal:.0%} reached within budget"
             return True
@@ -233,7 +293,7 @@ def train(lm: LoadedModel, pm, data: RefusalData, val: dict[str, Sequence[str]],
             return True
         return False
 
-    pm.train()
+    train_mode(pm)
     bar = None
     if progress:
         from tqdm.auto import tqdm
