@@ -46,7 +46,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .activations import add_vector, layer_input_hook, mean_residuals
-from .checkpoint.files import save_tensors, write_text_atomic
+from .checkpoint.files import read_json_object, save_tensors, write_text_atomic
 from .evaluation.metrics import kl_div, last_logprobs
 from .errors import DirectionError
 from .model import LoadedModel, patched_weights
@@ -307,12 +307,7 @@ class Directions:
         if vecs.dim() != 2 or vecs.shape[0] == 0:
             raise DirectionError(f"direction file {path}: expected vectors (n, d), got shape {tuple(vecs.shape)}")
         if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DirectionError(f"cannot read {meta_path}: {' '.join(str(e).split())}") from None
-            if not isinstance(meta, dict):
-                raise DirectionError(f"{meta_path}: expected a JSON object")
+            meta = read_json_object(meta_path, DirectionError)
         else:
             # no sidecar: the file's own 'chosen' vector is the direction (it was candidate 0 before)
             idx = next((i for i, v in enumerate(vecs) if chosen_vec is not None and torch.equal(v, chosen_vec)), None)

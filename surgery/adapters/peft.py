@@ -66,6 +66,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..checkpoint.files import read_json_object
 from ..errors import CheckpointError, SurgeryError
 
 CONFIG_FILE = "adapter_config.json"
@@ -384,12 +385,7 @@ def load_adapter(source: str | Path, revision: str | None = None, allow_pickle: 
     cpath = folder / CONFIG_FILE
     if not cpath.is_file():
         raise AdapterError(f"no {CONFIG_FILE} in {folder} (not a PEFT adapter folder?)")
-    try:
-        config = json.loads(cpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"cannot read {cpath}: {' '.join(str(e).split())}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{cpath} is not a JSON object")
+    config = read_json_object(cpath, AdapterError)
     _check_config(config, cpath)
     wpath, shapes, mem = _read_weights(folder, allow_pickle)
     keys = list(shapes if shapes is not None else mem)

@@ -86,6 +86,18 @@ def _is_weight_name(name: str) -> bool:
     return name.endswith(".safetensors") or (name.startswith("pytorch_model") and name.endswith(".bin"))
 
 
+def read_json_object(path: str | Path, error: type[Exception] = CheckpointError) -> dict:
+    """A JSON file that must hold an object (configs, sidecars); any failure is a
+    one-line ``error`` naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"cannot read {path}: {_one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _read_index(path: Path) -> dict[str, str]:
     """weight_map of a ``*.index.json`` (tensor name -> shard file name)."""
     try:

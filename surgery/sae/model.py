@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.files import _one_line
+from ..checkpoint.files import _one_line, read_json_object
 from ..errors import SurgeryError
 
 CFG_FILE = "cfg.json"
@@ -325,12 +325,7 @@ def load_sae_folder(folder: str | Path, label: str | None = None) -> SAE:
         raise SAEError(f"{label} is not an SAE folder: {cfg_path} not found")
     if not w_path.is_file():
         raise SAEError(f"SAE weights not found: {w_path}")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SAEError(f"cannot read {cfg_path}: {type(e).__name__}: {_one_line(e)}") from None
-    if not isinstance(cfg, dict):
-        raise SAEError(f"{cfg_path}: expected a JSON object")
+    cfg = read_json_object(cfg_path, SAEError)
     p = _parse_cfg(cfg, str(cfg_path))
     try:
         with safe_open(str(w_path), framework="pt") as f:
