@@ -819,7 +819,7 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
 
 @main.command("tune-apply")
 @click.argument("tune_dir", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
 @click.option("--pick", type=int, default=None, help="The point with this id (tune.json, the plot's labels).")
 @click.option("--rule", default=None,
               help='e.g. "max refusal with over-refusal <= 0.05 and kl <= 0.2": the confirmed point with the highest '

@@ -697,7 +697,7 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
         (tmp / "tune.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
         plot_tune(data, tmp / "tune.png")
     say(format_front(data))
-    say(f"wrote {out} (tune.json, tune.png); write a point with: surgery tune-apply {out} OUT --pick N "
+    say(f"wrote {out} (tune.json, tune.png); write a point with: surgery tune-apply {out} -o OUT --pick N "
         f"(or --rule \"max refusal with over-refusal <= 0.05 and kl <= 0.2\")")
     return TuneResult(out, data)
 

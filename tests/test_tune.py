@@ -415,7 +415,7 @@ def test_tune_apply_rule_picks_expected_point_and_writes_it(tuned, tiny_chat):
     rule = f"max refusal with over-refusal <= 100% and kl <= {bound!r}"
     expected = brute_rule(data["points"], {"harmless_refusal": 1.0, "kl": bound})
     ck = tmp / "ck_rule"
-    r = CliRunner().invoke(cli, ["tune-apply", str(out), str(ck), "--rule", rule], catch_exceptions=False)
+    r = CliRunner().invoke(cli, ["tune-apply", str(out), "-o", str(ck), "--rule", rule], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     m = read_manifest(ck)
     t = m["method"]["parameters"]["tune"]
@@ -430,22 +430,25 @@ def test_tune_apply_pick_rank_2_point(tuned, tiny_chat):
     tmp, out, data, _ = tuned
     point = next(p for p in data["points"] if p["params"]["rank"] == 2 and p["params"]["layers"] == [1, 2])
     ck = tmp / "ck_pick"
-    r = CliRunner().invoke(cli, ["tune-apply", str(out), str(ck), "--pick", str(point["id"])], catch_exceptions=False)
+    r = CliRunner().invoke(cli, ["tune-apply", str(out), "-o", str(ck), "--pick", str(point["id"])], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert read_manifest(ck)["method"]["parameters"]["tune"]["choice"]["pick"] == point["id"]
     assert load_file(str(ck / "gates.safetensors"))["refusal_basis"].shape == (32, 2)
     _check_written_point(tiny_chat, out, data, ck, point)
+    # `surgery reproduce` reruns it (OUT was positional, and reproduce stopped: "has no -o/--out to redirect")
+    r = CliRunner().invoke(cli, ["reproduce", str(ck)], catch_exceptions=False)
+    assert r.exit_code == 0 and "IDENTICAL" in r.output, r.output
 
 
 def test_tune_cli_errors_are_one_line(tuned, tmp_path, tiny_chat, tiny_chat_untied):
     _, out, data, _ = tuned
     runner = CliRunner()
     cases = [
-        (["tune-apply", str(out), str(tmp_path / "a"), "--rule", "max refusal with kl < 1"], "expected '<=' after 'kl'"),
-        (["tune-apply", str(out), str(tmp_path / "a"), "--rule", "max refusal with kl <= 0"], "none of the"),
-        (["tune-apply", str(out), str(tmp_path / "a"), "--pick", "99"], "--pick 99: no such point"),
-        (["tune-apply", str(tmp_path), str(tmp_path / "a"), "--pick", "0"], "tune.json not found"),
-        (["tune-apply", str(out), str(tmp_path / "a"), "--pick", "0", "--model", str(tiny_chat_untied)],
+        (["tune-apply", str(out), "-o", str(tmp_path / "a"), "--rule", "max refusal with kl < 1"], "expected '<=' after 'kl'"),
+        (["tune-apply", str(out), "-o", str(tmp_path / "a"), "--rule", "max refusal with kl <= 0"], "none of the"),
+        (["tune-apply", str(out), "-o", str(tmp_path / "a"), "--pick", "99"], "--pick 99: no such point"),
+        (["tune-apply", str(tmp_path), "-o", str(tmp_path / "a"), "--pick", "0"], "tune.json not found"),
+        (["tune-apply", str(out), "-o", str(tmp_path / "a"), "--pick", "0", "--model", str(tiny_chat_untied)],
          "differs from the model tuned"),
         (["tune", str(tiny_chat), "-o", str(tmp_path / "t"), "--layer-ranges", "0-9"], "layer range 0-9 is not within"),
         (["tune", str(tiny_chat), "-o", str(tmp_path / "t"), "--fit", "null", "--strengths", "1.5"],
