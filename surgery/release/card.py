@@ -37,15 +37,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import sha256_file
+from ..checkpoint.files import write_text_atomic
 from ..errors import ManifestError, SurgeryError
 from ..manifest import MANIFEST, read_manifest, update_manifest, verify
 
@@ -502,15 +501,17 @@ def write_card(folder: str | Path, base_model: str | None = None, license: str |
         raise ManifestError(f"{folder} does not match its {MANIFEST}: {problems[0]}{more}; not writing a card for it")
     if base_model is not None and not HUB_ID.match(base_model):
         raise SurgeryError(f"--base-model {base_model!r} is not a Hub id (OWNER/NAME)")
+    # a card written again keeps what was given for the previous one (--base-model, --license)
+    previous = m.get("card") if isinstance(m.get("card"), dict) else {}
+    if base_model is None and str(previous.get("base_model_source", "")).startswith("given with"):
+        base_model = previous.get("base_model")
+    if license is None and str(previous.get("license_source", "")).startswith("given with"):
+        license = previous.get("license")
     card, base = build_card(m, base_model, license)
     path = folder / CARD
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(str(card))
-        os.replace(tmp, path)
+        write_text_atomic(path, str(card))
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise SurgeryError(f"cannot write {path}: {' '.join(str(e).split())}") from None
     sha = sha256_file(path)
     outputs = dict(m["outputs"])
