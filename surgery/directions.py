@@ -344,6 +344,7 @@ def compute_directions(lm: LoadedModel, harmful_train: Sequence[str], harmless_t
                        refusal: str | Sequence[str] = DEFAULT_REFUSAL, reply_tokens: int = 4, positions: Sequence[int] | None = None,
                        layers: Sequence[int] | None = None, batch_size: int = 16, progress=None,
                        full_scores: bool = False) -> Directions:
+    sources = tuple(dict.fromkeys(sources))  # a repeated --source is computed once
     for s in sources:
         if s not in SOURCES:
             raise DirectionError(f"unknown direction source {s!r}; choose from {', '.join(SOURCES)}")

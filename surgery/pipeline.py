@@ -536,6 +536,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     out = Path(out)
     prompts = prompts or PromptConfig()
     CheckpointWriter.check_target(out, overwrite, [source, direction_file, *prompts.sources()])
+    if alpha is not None and alphas is not None:
+        raise SurgeryError("give --alpha (a fixed strength) or --alphas (strengths to sweep), not both")
     alphas = method.default_alphas if alphas is None else alphas
     for a in ([alpha] if alpha is not None else []) + list(alphas or []):
         if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0):
@@ -547,6 +549,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
         check_layers(getattr(method, "layers", None), arch.num_layers(reader.config), "--layers")
         if direction_file and not method.needs_direction:
             raise SurgeryError(f"{method.name} does not use a refusal direction; drop --direction")
+        if not method.needs_direction and tuple(sources) != ("response",):
+            raise SurgeryError(f"{method.name} does not use a refusal direction; drop --source")
         dirs = Directions.load(direction_file) if direction_file else None
         if dirs is not None:
             dirs.check_width(d, f"model {source}")
@@ -615,9 +619,14 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
 
 
 def rosi(source: str, out: str | Path, *, layers: Sequence[int] | None = None, include_embedding: bool = False,
-         alphas: Sequence[float] = DEFAULT_ALPHAS, **kw) -> HardenResult:
+         alphas: Sequence[float] | None = None, **kw) -> HardenResult:
     """ROSI (methods.md §2) through :func:`harden`."""
     return harden(source, out, Rosi(layers, include_embedding), alphas=alphas, **kw)
+
+
+def _flag(name: str) -> str:
+    """A parameter as the CLI spells it (``opening_layer`` -> ``--opening-layer``)."""
+    return {"cascade": "--cascade/--no-cascade"}.get(name, "--" + name.replace("_", "-"))
 
 
 def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"],
@@ -636,7 +645,8 @@ def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"]
         linear_only = [n for n, set_ in (("layers", layers is not None), ("rank", rank != 1), ("fit", fit != "ridge"),
                                          ("null_ratio", null_ratio != 0.5), ("cascade", cascade is not None)) if set_]
         if linear_only:
-            raise SurgeryError(f"gated injection: {', '.join(linear_only)} only apply to the linear gate")
+            raise SurgeryError(f"gated injection: {', '.join(_flag(n) for n in linear_only)} "
+                               f"{'applies' if len(linear_only) == 1 else 'apply'} only to --gate linear")
         return harden(source, out, Opening(opening, refusal, opening_layer, coverage, c, post_weight, ridge,
                                            harmful_weight, borderline_calibration, continuation), **kw)
     if gate != "linear":
@@ -647,7 +657,8 @@ def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"]
                                       ("c", c != OPENING_DEFAULTS["c"]),
                                       ("continuation", continuation != OPENING_DEFAULTS["continuation"])) if set_]
     if opening_only:
-        raise SurgeryError(f"gated injection: {', '.join(opening_only)} only apply to the opening gate")
+        raise SurgeryError(f"gated injection: {', '.join(_flag(n) for n in opening_only)} "
+                           f"{'applies' if len(opening_only) == 1 else 'apply'} only to the opening gate (--gate opening)")
     if cascade is None:
         cascade = INJECT_DEFAULTS["cascade"] and rank == 1
     return harden(source, out, Gated(layers, post_weight, ridge, borderline_calibration, rank, fit, null_ratio,

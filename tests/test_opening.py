@@ -184,11 +184,16 @@ def test_opening_gate_errors(tmp_path, tiny_chat):
         fit_opening_gate(lm, harmful, harmless, DEFAULT_REFUSAL, OPENING, layer=lm.num_layers)
     with pytest.raises(SurgeryError, match="does not use a refusal direction"):
         inject(str(tiny_chat), tmp_path / "o1", direction_file=tmp_path / "d.safetensors", prompts=SMALL, run_eval=False)
-    with pytest.raises(SurgeryError, match="rank.*only apply to the linear gate"):
+    with pytest.raises(SurgeryError, match="does not use a refusal direction; drop --source"):
+        inject(str(tiny_chat), tmp_path / "o1", sources=("prompt",), prompts=SMALL, run_eval=False)
+    with pytest.raises(SurgeryError, match="--rank applies only to --gate linear"):
         inject(str(tiny_chat), tmp_path / "o2", rank=2, prompts=SMALL, run_eval=False)
-    with pytest.raises(SurgeryError, match="coverage.*only apply to the opening gate"):
-        inject(str(tiny_chat), tmp_path / "o3", gate="linear", coverage=0.5, prompts=SMALL, run_eval=False)
-    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+    with pytest.raises(SurgeryError, match="--opening-layer, --coverage apply only to the opening gate"):
+        inject(str(tiny_chat), tmp_path / "o3", gate="linear", coverage=0.5, opening_layer=1, prompts=SMALL,
+               run_eval=False)
+    with pytest.raises(SurgeryError, match="--alpha .* or --alphas .*not both"):
+        inject(str(tiny_chat), tmp_path / "o4", alpha=1.0, alphas=[1.0, 2.0], prompts=SMALL, run_eval=False)
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4"))
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3", "mixtral"])
