@@ -598,6 +598,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
             params = {"alpha": alpha, "alpha_choice": why, **method.parameters(), "max_over_refusal": max_over_refusal,
                       "max_kl": max_kl, "refusal_tolerance": refusal_tolerance, "sweep": points}
             datasets = dict(dirs.meta.get("datasets", {})) if dirs is not None else {}
+            for k, v in (getattr(method, "calibration", None) or {}).items():  # a gate's own calibration sets
+                datasets.setdefault(k, v)
             if points:
                 datasets.update({"sweep_harmful_val": hv.describe(), "sweep_harmless_val": bv.describe()})
                 if blv:

@@ -146,6 +146,9 @@ def test_inject_writes_exactly_the_gate_neurons(tmp_path, tiny_chat):
     assert verify(out) == []
     m = read_manifest(out)
     assert m["method"]["name"] == "gated-opening" and m["direction"] is None
+    # the calibration sets are the manifest's datasets (the card lists them); they were only inside the parameters
+    assert set(m["datasets"]) >= {"harmful_train", "harmless_train", "borderline_train"}
+    assert m["datasets"]["harmful_train"]["count"] == len(SMALL.train("harmful"))
     assert not (out / "direction.safetensors").exists()
     g = load_file(str(out / "opening_gate.safetensors"))
     with safe_open(str(out / "opening_gate.safetensors"), "pt") as f:
