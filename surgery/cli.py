@@ -788,7 +788,11 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
              harmful, harmless, borderline, column, revision, allow_pickle, device):
     """Search the linear gate's (`inject --gate linear`) strength, layer range, gate constraint and rank on
     the validation split (first-token proxies, then generation on the proxy front); save the Pareto front
-    (JSON + PNG).  The gated opening, inject's default, has one strength, which `surgery inject` sweeps."""
+    (JSON + PNG).  The gated opening, inject's default, has one strength, which `surgery inject` sweeps.
+
+    The search fits each gate once (no cascade) with its own --ridge (default 0.1) and no harmful
+    weighting, unlike `inject --gate linear` (cascade, ridge 0.01, harmful weight 3): a point's alpha
+    and layers passed to inject make a different edit; write a point with tune-apply or --write."""
     from .tuning import apply_tune, parse_rule, tune
 
     _check_choice(pick, rule)

@@ -417,6 +417,8 @@ def select_for_confirmation(points: Sequence[Mapping], n: int, max_kl: float | N
     pool = list(points)
     if max_kl is not None:
         within = [p for p in points if p["proxy"].get("kl") is not None and p["proxy"]["kl"] <= max_kl]
+        if not within:
+            log.warning("no searched point has first-token KL <= %g: confirming the whole proxy front instead", max_kl)
         pool = within or pool
     front = pareto_front([p["proxy"] for p in pool], PROXY_OBJECTIVES)
     ids = [pool[i]["id"] for i in front]
