@@ -335,9 +335,8 @@ def test_column_errors(tmp_path):
     with pytest.raises(PromptError) as e:
         load_prompts(str(paths["csv"]), column="nope")
     assert_one_line_error(e, "p.csv", "id", "goal")
-    with pytest.raises(PromptError) as e:
-        load_prompts(str(paths["txt"]), column="prompt")
-    assert_one_line_error(e, "p.txt", "prompt")
+    # bare strings have no columns: --column names the column of the other files given with them
+    assert load_prompts(str(paths["txt"]), column="goal").prompts == load_prompts(str(paths["txt"])).prompts
     with pytest.raises(PromptError) as e:
         load_prompts("builtin:harmful", column="goal")
     assert_one_line_error(e, "goal")

@@ -292,9 +292,9 @@ def _read_file(
     available: list[str] = []
     for obj in objects:
         available.extend(k for k in obj if isinstance(k, str) and k not in available)
+    if column is not None and not objects:
+        column = None  # bare strings (a TXT file) have no columns: --column is for the other sources given with it
     if column is not None:
-        if not objects:
-            raise PromptError(f"{path}: column {column!r} requested but the file holds bare strings, not objects with fields")
         if column not in available:
             raise PromptError(f"{path}: column {column!r} not found; available columns: {', '.join(available) or '(none)'}")
     elif objects:
@@ -302,7 +302,7 @@ def _read_file(
         if column is None:
             raise PromptError(
                 f"{path}: no prompt column found (looked for {', '.join(PROMPT_COLUMNS)}); "
-                f"available columns: {', '.join(available) or '(none)'}; pass column="
+                f"available columns: {', '.join(available) or '(none)'}; name one with --column (column= in Python)"
             )
 
     if split is not None:
