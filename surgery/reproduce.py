@@ -360,10 +360,19 @@ def _input_changes(old: dict, rerun: Path) -> list[str]:
         return []
     a = (old.get("input") or {}).get("weight_files") or {}
     b = (new.get("input") or {}).get("weight_files") or {}
-    if a == b:
-        return []
-    return [f"weight file {n}: sha256 {str(a.get(n))[:12]} in the manifest, {str(b.get(n))[:12]} now"
-            for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+    out = [f"weight file {n}: sha256 {str(a.get(n))[:12]} in the manifest, {str(b.get(n))[:12]} now"
+           for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+    # the other inputs the manifest hashes: prompt sets and the direction (a --direction file)
+    da, db = old.get("datasets") or {}, new.get("datasets") or {}
+    for k in sorted(set(da) | set(db)):
+        x, y = da.get(k) or {}, db.get(k) or {}
+        if x.get("sha256") != y.get("sha256"):
+            out.append(f"prompt set {k} ({x.get('source') or y.get('source')}): sha256 {str(x.get('sha256'))[:12]} "
+                       f"in the manifest, {str(y.get('sha256'))[:12]} now")
+    ra, rb = (old.get("direction") or {}).get("sha256"), (new.get("direction") or {}).get("sha256")
+    if ra != rb:
+        out.append(f"direction: sha256 {str(ra)[:12]} in the manifest, {str(rb)[:12]} now")
+    return out
 
 
 def reproduce(folder: str | Path, *, work: str | Path | None = None, keep: bool = False, run_eval: bool = False,

@@ -418,3 +418,30 @@ def test_reproduce_without_provenance_is_an_error(tmp_path, hardened):
     (copy / "surgery.json").write_text(json.dumps(m))
     r = _run(["reproduce", copy])
     assert r.exit_code == 2 and "records neither a recipe nor a command line" in r.output
+
+
+def test_reproduce_names_a_changed_direction_or_prompt_file(tmp_path, tiny_chat, direction):
+    """After the run, the --direction file changes: reproduce says which input
+    changed (it only compared the model's weight files); prompt sets likewise."""
+    import shutil
+
+    from surgery.directions import Directions
+
+    dfile = tmp_path / "d.safetensors"
+    shutil.copy(direction, dfile)
+    shutil.copy(f"{direction}.json", f"{dfile}.json")
+    out = tmp_path / "out"
+    r = _run(["rosi", str(tiny_chat), "-o", str(out), "--alpha", "2", "--no-eval", "--direction", str(dfile)])
+    assert r.exit_code == 0, r.output
+    d = Directions.load(dfile)
+    d.candidates[d.chosen].vector = -d.candidates[d.chosen].vector
+    d.save(dfile)
+    r = _run(["reproduce", out])
+    assert "DIFFERENT" in r.output and "input changed: direction: sha256" in r.output, r.output
+    # a prompt set whose hash differs between the manifest and the rerun's is named too
+    from surgery.reproduce import _input_changes
+
+    m = read_manifest(out)
+    old = {**m, "datasets": {**m["datasets"], "harmless_train": {"source": "h.txt", "sha256": "0" * 64}}}
+    assert "prompt set harmless_train (h.txt): sha256 000000000000 in the manifest, None now" in _input_changes(old, out)
+    assert not any(c.startswith("prompt set") for c in _input_changes(m, out))
