@@ -515,3 +515,13 @@ def test_prompts_keep_unicode_line_separators(tmp_path):
     assert load_prompts(str(tmp_path / "p.jsonl")).prompts == (odd,)
     assert load_prompts(str(tmp_path / "p.txt")).prompts == (odd, "next prompt")
     assert load_prompts(str(tmp_path / "p.csv")).prompts == (odd, "with\nnewline")
+
+
+def test_repeated_prompts_are_kept_with_a_warning(tmp_path, caplog):
+    import logging
+
+    f = tmp_path / "p.txt"
+    f.write_text("a b c\nd e f\na b c\na b c\n")
+    with caplog.at_level(logging.WARNING):
+        assert load_prompts(str(f)).prompts == ("a b c", "d e f", "a b c", "a b c")
+    assert "2 prompts repeat an earlier one" in caplog.text

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ __all__ = [
     "SPLITS",
     "PROMPT_COLUMNS",
 ]
+
+log = logging.getLogger(__name__)
 
 BUILTIN_SETS = ("harmful", "harmless", "borderline")
 SPLITS = ("train", "val", "test")
@@ -336,6 +339,10 @@ def _read_file(
         categories.append(category if isinstance(category, str) else None)
     if not prompts:
         raise PromptError(f"{path}: all {len(records)} prompts are empty" + (f" (column {column!r})" if column else ""))
+    repeated = len(prompts) - len(set(prompts))
+    if repeated:  # kept as given (the file is the user's), but a rate counts each copy
+        log.warning("%s: %d prompt%s repeat an earlier one (each copy counts in rates and training)", path,
+                    repeated, "s" if repeated > 1 else "")
     return prompts, categories
 
 
