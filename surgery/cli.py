@@ -732,6 +732,8 @@ def _layer_ranges(spec: str | None) -> list[tuple[int, int]] | None:
             out.append((int(a), int(b)))
         except ValueError:
             raise click.BadParameter(f"cannot read layer range {part.strip()!r} in {spec!r} (use FIRST-LAST, e.g. 0-29,8-24)") from None
+        if out[-1][0] > out[-1][1]:
+            raise click.BadParameter(f"layer range {part.strip()!r} is reversed (FIRST-LAST with FIRST <= LAST)")
     return out
 
 

@@ -644,6 +644,8 @@ def inject(source: str, out: str | Path, *, gate: str = OPENING_DEFAULTS["gate"]
     rank-one (or rank-k) read vectors per residual writer (:class:`Gated`;
     ``cascade`` None means the default for the rank, on for rank one)."""
     if gate == "opening":
+        if not opening.strip():
+            raise SurgeryError("gated injection: --opening is empty; give the refusal's first words, e.g. \"I'm sorry, but\"")
         linear_only = [n for n, set_ in (("layers", layers is not None), ("rank", rank != 1), ("fit", fit != "ridge"),
                                          ("null_ratio", null_ratio != 0.5), ("cascade", cascade is not None)) if set_]
         if linear_only:

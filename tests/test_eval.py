@@ -179,6 +179,7 @@ def test_format_intervals_names_counts():
     (["rosi", "m", "-o", "o", "--max-over-refusal", "1.5"], "--max-over-refusal"),
     (["merge-lora", "m", "--adapter", "a", "-o", "o", "--max-shard-size", "-1"], "--max-shard-size"),
     (["tune", "m", "-o", "o", "--confirm", "0"], "--confirm"),
+    (["tune", "m", "-o", "o", "--layer-ranges", "3-1"], "is reversed"),
 ])
 def test_numeric_options_are_checked_before_any_work(args, culprit):
     """Zero or negative counts gave transformers tracebacks (or, for --limit 0,
