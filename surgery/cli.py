@@ -303,15 +303,19 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 def verify(folder):
-    """Check FOLDER's files against its surgery.json manifest; exit 1 naming any that differ."""
-    from .manifest import verify as run
+    """Check FOLDER's files against its surgery.json manifest; exit 1 naming any that differ.
+
+    The manifest itself is the record: its sha256, printed here and named in the Hub commit
+    message by `surgery push`, is what to compare with a published one."""
+    from .checkpoint import sha256_file
+    from .manifest import MANIFEST, verify as run
 
     problems = run(folder)
     if problems:
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
         sys.exit(1)
-    click.echo(f"OK {folder}: every file matches surgery.json")
+    click.echo(f"OK {folder}: every file matches {MANIFEST} (its sha256 {sha256_file(Path(folder) / MANIFEST)})")
 
 
 @main.command()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from surgery.architectures import WriterTensor, get_architecture
-from surgery.checkpoint import CheckpointReader
+from surgery.checkpoint import CheckpointReader, sha256_file
 from surgery.cli import main as cli
 from surgery.directions import Candidate, Directions
 from surgery.edits.rosi import rosi_update
@@ -125,7 +125,8 @@ def test_rosi_pipeline_outputs_loadable_verified_checkpoint(tmp_path, tiny_chat)
         p.write_bytes(bytes(data))
     assert verify(out) == []
     runner = CliRunner()
-    assert runner.invoke(cli, ["verify", str(out)]).exit_code == 0
+    r1 = runner.invoke(cli, ["verify", str(out)])
+    assert r1.exit_code == 0 and f"its sha256 {sha256_file(out / 'surgery.json')}" in r1.output
     (out / "config.json").write_text((out / "config.json").read_text() + " ")
     r2 = runner.invoke(cli, ["verify", str(out)])
     assert r2.exit_code == 1 and "config.json" in r2.output
