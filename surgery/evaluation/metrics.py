@@ -42,8 +42,8 @@ def format_intervals(reports: dict[str, dict]) -> str:
                 lo, hi = v.get("refusal_ci95") or wilson_interval(v["refused"], v["count"])
                 parts.append(f"{k} {v['refused']}/{v['count']} ({100 * lo:.0f}-{100 * hi:.0f}%)")
         if parts:
-            lines.append(f"{name}: " + ", ".join(parts))
-    return ("refused, with 95% Wilson intervals: " + "; ".join(lines)) if lines else ""
+            lines.append(f"  {name}: " + ", ".join(parts))
+    return "\n".join(["prompts refused, with 95% Wilson intervals:", *lines]) if lines else ""
 
 
 @torch.no_grad()
