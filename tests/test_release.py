@@ -235,6 +235,7 @@ class FakeHub:
     def __init__(self):
         self.requests = []
         self.fail_create = None
+        self.remote: list[str] = [".gitattributes"]  # the files the repo holds (any revision)
 
     def handle(self, request):
         import httpx2
@@ -248,6 +249,9 @@ class FakeHub:
                 return httpx2.Response(self.fail_create, json={"error": "You don't have the rights to create a model"})
             p = json.loads(body)
             return httpx2.Response(200, json={"url": f"https://huggingface.co/{p['organization']}/{p['name']}"})
+        if request.method == "GET" and parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
+            return httpx2.Response(200, json=[{"type": "file", "path": f, "size": 1, "oid": "0" * 40}
+                                              for f in self.remote])
         if request.method == "POST" and path == "/api/validate-yaml":
             return httpx2.Response(200, json={"errors": [], "warnings": []})
         if request.method == "POST" and parts[:2] == ["api", "models"] and len(parts) == 6:
@@ -297,7 +301,7 @@ def _sent(hub: FakeHub) -> list[dict]:
     return [r for r in hub.requests if r["path"] != LIBRARY_TELEMETRY]
 
 
-def _commit_ops(req: dict) -> tuple[dict, dict[str, bytes]]:
+def _commit_ops(req: dict, deleted: list | None = None) -> tuple[dict, dict[str, bytes]]:
     lines = [json.loads(l) for l in req["body"].decode().splitlines() if l.strip()]
     header = [l["value"] for l in lines if l["key"] == "header"]
     assert len(header) == 1
@@ -306,8 +310,10 @@ def _commit_ops(req: dict) -> tuple[dict, dict[str, bytes]]:
         if l["key"] == "file":
             assert l["value"]["encoding"] == "base64"
             files[l["value"]["path"]] = base64.b64decode(l["value"]["content"])
+        elif l["key"] == "deletedFile" and deleted is not None:
+            deleted.append(l["value"]["path"])
         else:
-            assert l["key"] == "header", l["key"]  # no LFS pointers, no deletions
+            assert l["key"] == "header", l["key"]  # no LFS pointers, no deletions unless asked for
     return header[0], files
 
 
@@ -325,7 +331,7 @@ def _assert_token_hygiene(hub: FakeHub, *texts: str):
 
 
 def test_push_creates_repo_and_commits_exactly_the_folder(out, hub, capsys):
-    write_card(out)
+    write_card(out, base_model="someone/tiny-base")
     manifest_sha = hashlib.sha256((out / "surgery.json").read_bytes()).hexdigest()
     r = CliRunner().invoke(cli, ["push", str(out), "someone/tiny-hardened", "--private"])
     assert r.exit_code == 0, r.output
@@ -343,7 +349,8 @@ def test_push_creates_repo_and_commits_exactly_the_folder(out, hub, capsys):
     pre = [q for q in hub.requests if "/preupload/" in q["path"]]
     assert {f["path"] for q in pre for f in json.loads(q["body"])["files"]} == set(on_disk)
     assert {q["path"] for q in hub.requests} - {LIBRARY_TELEMETRY} == {
-        "/api/repos/create", "/api/validate-yaml", commits[0]["path"], "/api/models/someone/tiny-hardened/preupload/main"}
+        "/api/repos/create", "/api/validate-yaml", commits[0]["path"], "/api/models/someone/tiny-hardened/preupload/main",
+        "/api/models/someone/tiny-hardened/tree/main"}
     assert "https://huggingface.co/someone/tiny-hardened" in r.output
     _assert_token_hygiene(hub, r.output, capsys.readouterr().out)
     assert verify(out) == []  # pushing leaves the folder as it was
@@ -362,8 +369,29 @@ def test_push_public_to_a_branch(out, hub):
     _assert_token_hygiene(hub)
 
 
+def test_push_replaces_what_the_repo_held(out, hub):
+    """A second version pushed to a repo holding an earlier one: the commit deletes the
+    files this folder does not have (old shards beside the new manifest made a
+    download fail verify); .gitattributes stays."""
+    write_card(out, base_model="someone/tiny-base")
+    hub.remote = [".gitattributes", "model-00001-of-00002.safetensors", "opening_gate.safetensors", "README.md"]
+    push(out, "someone/tiny-hardened")
+    deleted: list[str] = []
+    _, files = _commit_ops(next(q for q in hub.requests if "/commit/" in q["path"]), deleted)
+    assert sorted(deleted) == ["model-00001-of-00002.safetensors", "opening_gate.safetensors"]
+    assert "README.md" in files
+
+
+def test_push_refuses_a_card_whose_base_model_is_not_a_hub_id(out, hub):
+    write_card(out, base_model="someone/base")
+    update_manifest(out, card={**read_manifest(out)["card"], "base_model": "tiny"})
+    with pytest.raises(SurgeryError, match="base_model 'tiny' is not a Hub id"):
+        push(out, "someone/tiny-hardened")
+    assert _sent(hub) == []
+
+
 def test_push_refuses_a_folder_that_fails_verify(out, hub):
-    write_card(out)
+    write_card(out, base_model="someone/tiny-base")
     shard = next(out.glob("model-*.safetensors"))
     _flip_byte(shard)
     r = CliRunner().invoke(cli, ["push", str(out), "someone/tiny-hardened"])
@@ -377,7 +405,7 @@ def test_push_refuses_a_folder_that_fails_verify(out, hub):
 
 
 def test_push_hub_error_is_one_line_without_the_token(out, hub):
-    write_card(out)
+    write_card(out, base_model="someone/tiny-base")
     hub.fail_create = 403
     r = CliRunner().invoke(cli, ["push", str(out), "someone/tiny-hardened"])
     assert r.exit_code == 2, r.output

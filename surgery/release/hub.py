@@ -30,6 +30,7 @@ from typing import Callable
 from ..checkpoint import sha256_file
 from ..errors import ManifestError, SurgeryError
 from ..manifest import MANIFEST, read_manifest, verify
+from .card import HUB_ID
 
 LARGE_FOLDER_BYTES = 20 * 1024**3
 _HUB_ERROR_MODULES = ("huggingface_hub", "httpx", "httpx2", "requests", "urllib3", "hf_xet")
@@ -92,6 +93,10 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     except ValueError as e:
         raise SurgeryError(f"bad repo id {repo_id!r}: {' '.join(str(e).split())}") from None
     files = sorted([*m["outputs"], MANIFEST])
+    base = (m.get("card") or {}).get("base_model") if "README.md" in m["outputs"] else None
+    if base and not HUB_ID.match(str(base)):  # the Hub rejects the card's metadata, after the repo is created
+        raise SurgeryError(f"the model card's base_model {base!r} is not a Hub id (OWNER/NAME); the Hub would refuse "
+                           f"it: rewrite the card with `surgery card {folder} --base-model OWNER/NAME`")
     if "README.md" not in m["outputs"]:
         say(f"note: {folder} has no model card; `surgery card {folder}` writes one")
     size = sum((folder / f).stat().st_size for f in files)
@@ -115,8 +120,10 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         step = f"uploading {folder} to {repo_id}"
         say(f"uploading {len(files)} files ({size / 1e6:.1f} MB) to {repo_id}" + (f" @ {revision}" if revision else ""))
+        # exactly the verified files, and the commit deletes whatever else the repo (or the branch,
+        # made from main) holds: an earlier version's shards must not sit beside this manifest
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
-                                 commit_message=message)
+                                 commit_message=message, allow_patterns=files, delete_patterns="*")
     except Exception as e:
         if not _is_hub_error(e):
             raise
