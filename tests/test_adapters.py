@@ -326,6 +326,9 @@ def test_overwrite_never_deletes_an_input(tmp_path):
     assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
     r = runner.invoke(cli, ["rosi", str(src), "-o", str(work), "--overwrite", "--alpha", "1"])
     assert r.exit_code == 2 and "holds the input" in r.output
+    # nor is an output written inside an input folder (the input's own verify would fail)
+    r = runner.invoke(cli, ["merge-lora", str(src), "--adapter", str(ad), "-o", str(src / "v2")])
+    assert r.exit_code == 2 and "is inside the input" in r.output and not (src / "v2").exists()
     # a sibling folder is still replaced with --overwrite
     (tmp_path / "out").mkdir()
     r = runner.invoke(cli, ["merge-lora", str(src), "--adapter", str(ad), "-o", str(tmp_path / "out"), "--overwrite"])

@@ -126,19 +126,22 @@ class CheckpointWriter:
     @staticmethod
     def check_target(out_dir, overwrite: bool = False, inputs: Iterable = ()) -> None:
         """Raise CheckpointError now if writing to ``out_dir`` is bound to fail, or
-        would destroy an input: ``inputs`` (paths or other sources; those that are
+        would change an input: ``inputs`` (paths or other sources; those that are
         not local paths are skipped) must not be ``out_dir`` or lie inside it, since
-        replacing it with ``overwrite`` would delete them."""
+        replacing it with ``overwrite`` would delete them, and ``out_dir`` must not
+        lie inside an input folder."""
         out = Path(out_dir)
-        if overwrite and (out.exists() or out.is_symlink()):
-            real_out = Path(os.path.realpath(out.expanduser()))
-            for src in inputs:
-                if src is None or not isinstance(src, (str, os.PathLike)) or not os.path.exists(src):
-                    continue
-                real = Path(os.path.realpath(Path(src).expanduser()))
-                if real == real_out or real_out in real.parents:
-                    raise CheckpointError(f"output folder {out} {'is' if real == real_out else 'holds'} the input "
-                                          f"{src}: --overwrite would delete it; write to another folder")
+        real_out = Path(os.path.realpath(out.expanduser()))
+        for src in inputs:
+            if src is None or not isinstance(src, (str, os.PathLike)) or not os.path.exists(src):
+                continue
+            real = Path(os.path.realpath(Path(src).expanduser()))
+            if overwrite and (real == real_out or real_out in real.parents):
+                raise CheckpointError(f"output folder {out} {'is' if real == real_out else 'holds'} the input "
+                                      f"{src}: --overwrite would delete it; write to another folder")
+            if real != real_out and real in real_out.parents:  # the input folder would change (its verify fails)
+                raise CheckpointError(f"output folder {out} is inside the input {src}: inputs are never modified; "
+                                      "write to another folder")
         if out.exists() or out.is_symlink():
             if not overwrite:
                 raise CheckpointError(f"output folder exists: {out}")
