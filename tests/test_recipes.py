@@ -94,6 +94,8 @@ def test_shipped_recipe_runs_and_is_recorded_verbatim(name, tmp_path, tiny_chat,
     if name == "rosi-smollm2.yaml":  # the --var reached the verb; card and evaluation steps ran
         assert m["method"]["name"] == "rosi" and params["alpha"] == 2.0 and params["alpha_choice"] == "given"
         assert "evaluation" in m and "README.md" in m["outputs"] and "ROSI" in (out / "README.md").read_text()
+        # the card's rerun command carries the --var overrides the recipe ran with (it showed the defaults only)
+        assert "--var alpha=2" in (out / "README.md").read_text().replace("'", "")
     elif name == "inject-smollm2.yaml":
         assert m["method"]["name"] == "gated-opening" and params["alpha"] == 1.0 and m["direction"] is None
         assert params["opening"] == "I'm sorry, but" and "gated opening" in (out / "README.md").read_text()

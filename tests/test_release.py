@@ -210,6 +210,8 @@ def test_card_base_model_and_license_sources(out, tmp_path, case):
         assert "license" not in data and "**Licence**: not declared" in text
     assert "## Original model card" not in text  # the base card is only where the manifest says the input was
     assert verify(out) == []
+    if case == "override":
+        assert "`apache-2.0`, given with --license when this card was written" in text
     if case == "override":  # written again without the options: what was given stays (it was dropped)
         again = write_card(out)
         assert (again.base_model, again.license) == (want_base, want_lic)

@@ -233,6 +233,15 @@ def _rate(v, n) -> str:
     return f"{100 * v:.1f}%"
 
 
+def _var_text(v) -> str:
+    """A recipe variable as ``--var`` takes it (typed like YAML)."""
+    if isinstance(v, str):
+        return v
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 # -- sections ------------------------------------------------------------------
 def _what_was_done(m: dict, base: BaseModelInfo) -> list[str]:
     method = m.get("method") or {}
@@ -272,7 +281,9 @@ def _what_was_done(m: dict, base: BaseModelInfo) -> list[str]:
     out.append("")
     if base.license:
         extra = f" ({base.license_name}, {base.license_link})" if base.license_name or base.license_link else ""
-        out.append(f"**Licence**: `{base.license}`{extra}, inherited from {base.license_how}. These weights are a "
+        origin = (f"{base.license_how} when this card was written" if base.license_how.startswith("given")
+                  else f"inherited from {base.license_how}")
+        out.append(f"**Licence**: `{base.license}`{extra}, {origin}. These weights are a "
                    "derivative of the base model, whose terms apply.")
     else:
         out.append(f"**Licence**: not declared. The base model's licence could not be determined: {base.license_how}. "
@@ -398,8 +409,12 @@ def _reproduce(m: dict) -> list[str]:
 
         text = recipe if isinstance(recipe, str) else (recipe.get("text") or yaml.safe_dump(recipe, sort_keys=False))
         step = "" if isinstance(recipe, str) else f" (step {recipe.get('step')}, `{recipe.get('name', '')}`)"
+        overrides = {} if isinstance(recipe, str) else dict(recipe.get("vars") or {})
+        run = shlex.join(["surgery", "run", "RECIPE.yaml",
+                          *[a for k, v in overrides.items() for a in ("--var", f"{k}={_var_text(v)}")]])
+        given = " with the variables it was given" if overrides else ""
         out += [f"This folder was written by a recipe{step}; `surgery.json` holds it verbatim:", "", "```yaml",
-                text.rstrip(), "```", "", "Rerun it with `surgery run RECIPE.yaml`, or check this folder with "
+                text.rstrip(), "```", "", f"Rerun it{given} with `{run}`, or check this folder with "
                 "`surgery reproduce THIS_FOLDER` (reruns the step and compares every output hash).", ""]
     elif command:
         text = command if isinstance(command, str) else shlex.join(str(c) for c in command)
