@@ -217,7 +217,28 @@ def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str]
     return Path(out), how
 
 
-def _rerun_invocation(inv: dict, rundir: Path, run_eval: bool, say, notes: list[str]) -> tuple[Path, str]:
+def _shipped_direction(args: list[str], folder: Path | None, manifest: dict | None, notes: list[str]) -> list[str]:
+    """A ``--direction`` file that is gone (a copied or downloaded folder) is replaced
+    by the folder's own ``direction.safetensors`` when its sha256 is the recorded one."""
+    if folder is None or manifest is None:
+        return args
+    rec = manifest.get("direction") or {}
+    own = folder / str(rec.get("file") or "direction.safetensors")
+    out = list(args)
+    for i, a in enumerate(out):
+        value = out[i + 1] if a == "--direction" and i + 1 < len(out) else (a[12:] if a.startswith("--direction=") else None)
+        if value is None or Path(value).exists() or not own.is_file() or sha256_file(own) != rec.get("sha256"):
+            continue
+        notes.append(f"--direction {value} is gone; used the copy this folder ships, {own} (same sha256)")
+        if a == "--direction":
+            out[i + 1] = str(own.resolve())
+        else:
+            out[i] = f"--direction={own.resolve()}"
+    return out
+
+
+def _rerun_invocation(inv: dict, rundir: Path, run_eval: bool, say, notes: list[str], folder: Path | None = None,
+                      manifest: dict | None = None) -> tuple[Path, str]:
     from .cli import main
 
     argv = [str(a) for a in (inv.get("argv") or [])][1:]
@@ -276,6 +297,7 @@ def _rerun_invocation(inv: dict, rundir: Path, run_eval: bool, say, notes: list[
     how = f"reran `{shlex.join(inv.get('argv') or [])}` with its output in {new_out}"
     say(how)
     with _in_dir(inv.get("cwd"), notes), provenance(invocation=invocation_record(line)):
+        redirected = _shipped_direction(redirected, folder, manifest, notes)
         invoke(cmd, redirected, f"surgery {' '.join(path)}", lambda _: f"rerun of `{shlex.join(line)}`")
     return Path(new_out), how
 
@@ -389,7 +411,7 @@ def reproduce(folder: str | Path, *, work: str | Path | None = None, keep: bool 
         if m.get("recipe"):
             out, how = _rerun_recipe(m["recipe"], rundir, run_eval, say, notes)
         elif m.get("invocation"):
-            out, how = _rerun_invocation(m["invocation"], rundir, run_eval, say, notes)
+            out, how = _rerun_invocation(m["invocation"], rundir, run_eval, say, notes, folder.resolve(), m)
         else:
             raise ManifestError(f"{folder / MANIFEST} records neither a recipe nor a command line: nothing to rerun")
         if not out.is_dir():

@@ -447,3 +447,21 @@ def test_reproduce_names_a_changed_direction_or_prompt_file(tmp_path, tiny_chat,
     old = {**m, "datasets": {**m["datasets"], "harmless_train": {"source": "h.txt", "sha256": "0" * 64}}}
     assert "prompt set harmless_train (h.txt): sha256 000000000000 in the manifest, None now" in _input_changes(old, out)
     assert not any(c.startswith("prompt set") for c in _input_changes(m, out))
+
+
+def test_reproduce_of_a_copied_folder_uses_its_own_direction(tmp_path, tiny_chat, direction):
+    """A downloaded or copied output whose --direction file is gone reruns with the
+    direction.safetensors it ships (same sha256): it failed 'direction file not found'."""
+    import shutil
+
+    dfile = tmp_path / "d.safetensors"
+    shutil.copy(direction, dfile)
+    shutil.copy(f"{direction}.json", f"{dfile}.json")
+    out = tmp_path / "out"
+    assert _run(["rosi", str(tiny_chat), "-o", str(out), "--alpha", "2", "--no-eval", "--direction", str(dfile)]).exit_code == 0
+    dfile.unlink()
+    Path(f"{dfile}.json").unlink()
+    copy = tmp_path / "downloaded"
+    shutil.copytree(out, copy)
+    r = _run(["reproduce", copy])
+    assert r.exit_code == 0 and "IDENTICAL" in r.output and "used the copy this folder ships" in r.output, r.output
