@@ -543,14 +543,14 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
         if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0):
             raise SurgeryError(f"{method.name}: strength {a!r} must be a finite number >= 0 "
                                "(a negative one pushes away from refusal)")
+    if direction_file and not method.needs_direction:
+        raise SurgeryError(f"{method.name} does not use a refusal direction; drop --direction")
+    if not method.needs_direction and tuple(sources) != ("response",):
+        raise SurgeryError(f"{method.name} does not use a refusal direction; drop --source")
     resolved, reader, arch = open_model(source, revision, allow_pickle, say)
     with reader:
         d = arch.hidden_size(reader.config)
         check_layers(getattr(method, "layers", None), arch.num_layers(reader.config), "--layers")
-        if direction_file and not method.needs_direction:
-            raise SurgeryError(f"{method.name} does not use a refusal direction; drop --direction")
-        if not method.needs_direction and tuple(sources) != ("response",):
-            raise SurgeryError(f"{method.name} does not use a refusal direction; drop --source")
         dirs = Directions.load(direction_file) if direction_file else None
         if dirs is not None:
             dirs.check_width(d, f"model {source}")
