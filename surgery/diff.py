@@ -184,7 +184,7 @@ def _place_all(reader: CheckpointReader) -> tuple[dict[str, _Place], str | None]
 
     names = reader.names
     try:
-        arch = get_architecture(reader.config)
+        arch = get_architecture(reader.config, reader.names)
     except ArchitectureError:
         return {n: _fallback_place(n) for n in names}, None
     try:

@@ -107,7 +107,7 @@ def open_model(source: str, revision: str | None = None, allow_pickle: bool = Fa
     say = _say(say)
     resolved = resolve_model(source, revision=revision, allow_pickle=allow_pickle)
     reader = CheckpointReader(resolved.folder, allow_pickle=allow_pickle)
-    arch = get_architecture(reader.config)
+    arch = get_architecture(reader.config, reader.names)
     arch.residual_writers(reader.names, reader.config)  # raises, naming unplaced tensors
     say(f"model: {source} -> {resolved.folder} ({arch.model_type}, {arch.num_layers(reader.config)} layers, "
         f"width {arch.hidden_size(reader.config)})")

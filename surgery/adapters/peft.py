@@ -214,7 +214,7 @@ class LoraAdapter:
         module that does not fit (unknown module, wrong shape).  Run before any work."""
         from ..architectures import get_architecture
 
-        arch = get_architecture(reader.config)
+        arch = get_architecture(reader.config, reader.names)
         names = list(reader.names)
         present = set(names)
         infos = arch.place(names, reader.config)

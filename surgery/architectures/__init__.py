@@ -710,13 +710,17 @@ def check_layers(layers: Iterable[int] | None, num_layers: int, what: str = "lay
         raise ArchitectureError(f"{what} {bad} out of range (the model has {num_layers} layers, 0-{num_layers - 1})")
 
 
-def get_architecture(config: Any) -> Architecture:
-    """The architecture of a transformers config (PretrainedConfig or config.json dict)."""
+def get_architecture(config: Any, tensor_names: Iterable[str] | None = None) -> Architecture:
+    """The architecture of a transformers config (PretrainedConfig or config.json dict);
+    with the checkpoint's ``tensor_names``, an unknown model_type's error lists the
+    tensor patterns it cannot place (all of them)."""
     model_type = _model_type(config)
     supported = supported_model_types()
     if model_type not in supported:
+        pats = list(dict.fromkeys(_compress(n) for n in tensor_names or ()))
+        unplaced = f"; cannot place its {len(pats)} tensor pattern(s): {_listing(pats)}" if pats else ""
         raise ArchitectureError(
-            f"unknown model_type {model_type!r}; supported: {', '.join(supported)}"
+            f"unknown model_type {model_type!r}{unplaced}; supported: {', '.join(supported)}"
             f" (there is no generic fallback: describe its tensors in surgery/architectures/data/{model_type}.json)"
         )
     return _load(model_type)
