@@ -158,9 +158,11 @@ def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, a
     config_updates = None
     emb = arch.find_embedding(reader.names)
     if include_embedding and emb in targets and arch.tied(config):
-        # The unembedding keeps the original weights: untie explicitly.
-        lm_head = arch.lm_head_names[0]
-        extra.append((lm_head, lambda: reader.get(emb)))
+        # The unembedding keeps the original weights: untie explicitly (a checkpoint that stores
+        # lm_head beside a tied embedding already has the tensor: only the config changes).
+        lm_head = arch.find_lm_head(reader.names) or arch.lm_head_names[0]
+        if lm_head not in reader.names:
+            extra.append((lm_head, lambda: reader.get(emb)))
         config_updates = {"tie_word_embeddings": False}
         say(f"note: {emb} is tied to the unembedding; the output is untied ({lm_head} keeps the original weights)")
     r = r_hat.to(torch.float32)
@@ -218,6 +220,7 @@ class EditMethod:
     name = "edit"
     default_alphas: Sequence[float] = ()
     needs_direction = True  # False: harden neither computes nor records a refusal direction
+    calibrates = True  # prepare() runs the model on prompts (so it needs the chat template)
 
     def use_direction(self, dirs: Directions) -> None:
         """Receive the direction artifact before ``prepare`` (for methods that need more than ``r_hat``)."""
@@ -245,12 +248,13 @@ class EditMethod:
 class Rosi(EditMethod):
     name = "rosi"
     default_alphas = DEFAULT_ALPHAS
+    calibrates = False
 
     def __init__(self, layers: Sequence[int] | None = None, include_embedding: bool = False):
         self.layers, self.include_embedding = layers, include_embedding
 
     def in_memory(self, lm, r_hat, alpha):
-        return rosi_in_memory(lm, r_hat, alpha, self.layers)
+        return rosi_in_memory(lm, r_hat, alpha, self.layers, self.include_embedding)
 
     def write(self, reader, arch, out, r_hat, alpha, **kw):
         return write_rosi(reader, arch, out, r_hat, alpha, self.layers, self.include_embedding, **kw)
@@ -559,7 +563,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
         if run_eval:
             test_sets(prompts)  # the evaluation's sets too: a bad one must not fail after the write
         lm = load_model(resolved.folder, device=device)
-        format_chat(lm.tokenizer, "")  # no chat template: refused now, not after the write
+        if run_eval or alpha is None or dirs is None or method.calibrates:  # prompts will be formatted
+            format_chat(lm.tokenizer, "")  # no chat template: refused now, not after the write
         # artifacts (direction, gates) are made here, then copied into the checkpoint's own temporary folder
         with tempfile.TemporaryDirectory(prefix="surgery-") as work:
             tmp_dir = Path(work)

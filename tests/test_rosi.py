@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,46 @@ def test_tied_embedding_is_untied_explicitly(tmp_path, tiny_chat):
     assert torch.equal(model.lm_head.weight, original)
     assert not torch.equal(model.model.embed_tokens.weight, original)
     assert read_manifest(out)["edited"]["untied_lm_head"] is True
+    # the sweep's in-memory edit is the model written (it left the embedding alone), and the tie survives it
+    from surgery.edits.rosi import unit
+    from surgery.model import load_model
+    from surgery.pipeline import Rosi
+
+    lm = load_model(tiny_chat)
+    ids = torch.arange(3, 13).reshape(1, -1)
+    with torch.no_grad(), Rosi(include_embedding=True).in_memory(lm, unit(Directions.load(dfile).best.vector), 2.0):
+        swept = lm.model(input_ids=ids).logits
+    with torch.no_grad():
+        written = model.eval()(input_ids=ids).logits
+    assert torch.allclose(swept, written, atol=1e-5, rtol=0)
+    assert lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight
+    assert torch.equal(lm.model.get_input_embeddings().weight, original)
+    # a tied checkpoint that also stores lm_head.weight keeps it (it failed: 'extra tensor already exists')
+    from safetensors.torch import load_file, save_file
+
+    both = tmp_path / "both"
+    shutil.copytree(tiny_chat, both)
+    shard = next(both.glob("*.safetensors"))
+    sd = load_file(str(shard))
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    rosi(str(both), tmp_path / "out2", alpha=2.0, direction_file=dfile, include_embedding=True, run_eval=False,
+         prompts=PromptConfig(n_train=8, n_val=4))
+    with CheckpointReader(tmp_path / "out2") as b:
+        assert torch.equal(b.get("lm_head.weight"), original)
+    assert json.loads((tmp_path / "out2" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_include_embedding_covers_position_embeddings_whatever_the_layers(tmp_path):
+    """gpt2's wpe was edited without --layers and left alone with --layers 0-1 (all layers)."""
+    src = make_tiny_checkpoint("gpt2", tmp_path / "src")
+    dfile = _direction_file(tmp_path, 32)
+    edited = {}
+    for tag, layers in (("all", None), ("0-1", [0, 1])):
+        rosi(str(src), tmp_path / tag, alpha=2.0, direction_file=dfile, include_embedding=True, layers=layers,
+             run_eval=False, prompts=PromptConfig(n_train=8, n_val=4))
+        edited[tag] = set(read_manifest(tmp_path / tag)["edited"]["tensors"])
+    assert edited["all"] == edited["0-1"] and {"transformer.wte.weight", "transformer.wpe.weight"} <= edited["all"]
 
 
 def _snapshot(folder: Path) -> dict:

@@ -10,10 +10,11 @@ and ours:
 * **Which matrices**: attention and MLP output projections of every layer, every
   MoE expert's output projection (the paper names attention and MLP outputs).
   Biases are left alone (the formula has no rows to average).  The token
-  embedding is excluded by default; ``include_embedding`` adds it (its rows are
-  what is written, so ``W`` is read as ``(d, vocab)``), and if the embedding is
-  tied to the unembedding the output is untied explicitly so the unembedding is
-  not silently edited.
+  embedding (and a learned position embedding, gpt2's ``wpe``) is excluded by
+  default; ``include_embedding`` adds them, whatever ``layers`` says (their rows
+  are what is written, so ``W`` is read as ``(d, vocab)``), and if the embedding
+  is tied to the unembedding the output is untied explicitly so the unembedding
+  is not silently edited -- in memory too, so a sweep scores the model written.
 * **Layers**: all by default; ``layers`` restricts to a subset (e.g. a range).
 * **Alpha**: given, or chosen by ``surgery.tuning.sweep_alpha`` on the validation
   split (the whole sweep is reported).
@@ -26,7 +27,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..architectures import WriterTensor
+from ..architectures import EMBEDDING_ROLES, WriterTensor
 from ..errors import DirectionError
 from ..model import LoadedModel, patched_weights
 
@@ -48,7 +49,7 @@ def rosi_targets(writers: Iterable[WriterTensor], layers: Iterable[int] | None =
     for w in writers:
         if w.layout == "bias":
             continue
-        if w.role == "embedding":
+        if w.role in EMBEDDING_ROLES:  # token and position embeddings: with include_embedding, whatever --layers says
             if include_embedding:
                 out.append(w)
             continue
@@ -69,11 +70,24 @@ def unit(direction: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def rosi_in_memory(lm: LoadedModel, direction: torch.Tensor, alpha: float, layers: Iterable[int] | None = None) -> Iterator[None]:
-    """Apply ROSI to the live model for the duration of the block (sweeps, tuning)."""
+def rosi_in_memory(lm: LoadedModel, direction: torch.Tensor, alpha: float, layers: Iterable[int] | None = None,
+                   include_embedding: bool = False) -> Iterator[None]:
+    """Apply ROSI to the live model for the duration of the block (sweeps, tuning):
+    the same tensors as the written checkpoint, a tied unembedding untied meanwhile."""
     params = dict(lm.model.named_parameters())
-    writers = lm.arch.residual_writers(list(params), lm.model.config, include_embedding=False)
+    writers = lm.arch.residual_writers(list(params), lm.model.config, include_embedding=include_embedding)
     r_hat = unit(direction).to(lm.device)
-    new = {w.name: rosi_update(w, params[w.name].data, r_hat, alpha) for w in rosi_targets(writers, layers)}
-    with patched_weights(lm.model, new):
-        yield
+    targets = rosi_targets(writers, layers, include_embedding)
+    new = {w.name: rosi_update(w, params[w.name].data, r_hat, alpha) for w in targets}
+    inp, outp = lm.model.get_input_embeddings(), lm.model.get_output_embeddings()
+    untie = (any(w.role == "embedding" for w in targets) and outp is not None and inp is not None
+             and outp.weight is inp.weight)
+    shared = outp.weight if untie else None
+    try:
+        if untie:  # the written output keeps the original unembedding (write_rosi unties it)
+            outp.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+        with patched_weights(lm.model, new):
+            yield
+    finally:
+        if untie:
+            outp.weight = shared
