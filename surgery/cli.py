@@ -184,7 +184,7 @@ def _run_edit(fn, model, o: dict, **method_kw):
 @main.command()
 @click.argument("model")
 @edit_options
-@click.option("--include-embedding", is_flag=True, help="Also edit the token embedding (unties a tied unembedding).")
+@click.option("--include-embedding", is_flag=True, help="Also edit the token embedding and a learned position embedding, whatever --layers says (unties a tied unembedding).")
 def rosi(model, include_embedding, **o):
     """Harden MODEL with ROSI (rank-one safety injection) and write OUT.
 
