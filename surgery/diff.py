@@ -420,7 +420,8 @@ class DiffReport:
             for r in order:
                 lab = ("-" if r.layer is None else str(r.layer)) if r.layer != prev else ""
                 prev = r.layer
-                kind = r.kind if len(r.kind) <= 36 else "..." + r.kind[-33:]
+                kind = r.kind if "*" not in r.kind or r.layer is None else _kind_after_layer(r.name, r.layer, None)
+                kind = kind if len(kind) <= 36 else "..." + kind[-33:]  # a row names its expert; kinds use '*'
                 cos = _fmt(r.cosine, ".4f")
                 cast = f"  {r.dtype_a} -> {r.dtype_b}" if r.dtype_a != r.dtype_b else ""
                 lines.append(f"{lab:>5}  {kind:<36} {_fmt(r.fro):>9} {_fmt(r.rel):>9} {_fmt(r.max_abs):>9} "

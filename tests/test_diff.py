@@ -148,6 +148,17 @@ def test_rosi_gpt2_conv1d_output_axis(tmp_path):
     assert {r.kind for r in changed.values()} == {"attn.c_proj.weight", "mlp.c_proj.weight"}
 
 
+def test_per_tensor_rows_name_their_expert(tmp_path):
+    """MoE rows showed three identical 'mlp.experts.*.down_proj.weight' lines per layer."""
+    src = make_tiny_checkpoint("qwen2_moe", tmp_path / "src")
+    dfile, r_hat = _direction(tmp_path, 32, seed=4)
+    _rosi_pair(src, tmp_path / "out", r_hat)
+    text = diff_checkpoints(src, tmp_path / "out", direction=dfile).summary()
+    rows = text.split("changed tensors, by layer")[1].split("changed module kinds")[0]
+    assert "experts.0." in rows and "experts.1." in rows and "experts.*." not in rows
+    assert "experts.*." in text.split("changed module kinds")[1]
+
+
 # ----------------------------------------------------------------------------- LoRA merge
 def test_lora_merge_rank_and_full_rank_change(tmp_path):
     src = make_tiny_checkpoint("llama", tmp_path / "src")
