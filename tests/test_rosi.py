@@ -320,3 +320,16 @@ def test_rosi_peak_memory_flat_in_layers():
     extra = big["checkpoint_bytes"] - small["checkpoint_bytes"]
     assert extra > 40 * 2**20
     assert grow < 0.25 * extra, (grow, extra)
+
+
+def test_untying_a_multimodal_config_unties_its_text_config(tmp_path):
+    """gemma3 (multimodal) carries tie_word_embeddings in text_config too: both say false."""
+    src = make_tiny_checkpoint("gemma3", tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    if not (cfg.get("tie_word_embeddings", True) and "text_config" in cfg):
+        pytest.skip("this transformers' tiny gemma3 is not a tied multimodal config")
+    (src / "config.json").write_text(json.dumps({**cfg, "text_config": {**cfg["text_config"], "tie_word_embeddings": True}}))
+    rosi(str(src), tmp_path / "out", alpha=2.0, direction_file=_direction_file(tmp_path, 32), include_embedding=True,
+         run_eval=False, prompts=PromptConfig(n_train=8, n_val=4))
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["tie_word_embeddings"] is False and out["text_config"]["tie_word_embeddings"] is False

@@ -183,7 +183,8 @@ def copy_aux_files(src_folder, dst_folder, config_updates: dict | None = None) -
     """Copy the non-weight files of checkpoint ``src_folder`` into ``dst_folder``.
 
     ``config.json`` is required; ``config_updates`` (e.g. ``{"tie_word_embeddings":
-    False}``) are merged into it (top-level keys).  Symlinks (as in the HF cache)
+    False}``) are merged into it (top-level keys; ``tie_word_embeddings`` also in
+    sub-configs that carry it, so an untied multimodal config does not contradict itself).  Symlinks (as in the HF cache)
     are followed: the copy holds the content.  Returns the copied file names,
     sorted.  Any failure raises CheckpointError naming the file.
     """
@@ -215,6 +216,10 @@ def copy_aux_files(src_folder, dst_folder, config_updates: dict | None = None) -
                 config = load_config(entry)
                 if config_updates:
                     config.update(config_updates)
+                    if "tie_word_embeddings" in config_updates:  # a sub-config's copy too (gemma3's text_config)
+                        for sub in config.values():
+                            if isinstance(sub, dict) and "tie_word_embeddings" in sub:
+                                sub["tie_word_embeddings"] = config_updates["tie_word_embeddings"]
                 write_text_atomic(target, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
             else:
                 shutil.copyfile(entry, target)
