@@ -543,7 +543,10 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     if alpha is not None and alphas is not None:
         raise SurgeryError("give --alpha (a fixed strength) or --alphas (strengths to sweep), not both")
     alphas = method.default_alphas if alphas is None else alphas
-    for a in ([alpha] if alpha is not None else []) + list(alphas or []):
+    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise SurgeryError(f"{method.name}: --alpha {alpha!r} must be a finite number > 0 (0 leaves the model "
+                           "unchanged, a negative one pushes away from refusal)")
+    for a in alphas or []:
         if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0):
             raise SurgeryError(f"{method.name}: strength {a!r} must be a finite number >= 0 "
                                "(a negative one pushes away from refusal)")
@@ -555,6 +558,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     with reader:
         d = arch.hidden_size(reader.config)
         check_layers(getattr(method, "layers", None), arch.num_layers(reader.config), "--layers")
+        if isinstance(method, Opening) and method.layer is not None:
+            check_layers([method.layer], arch.num_layers(reader.config), "--opening-layer")
         dirs = Directions.load(direction_file) if direction_file else None
         if dirs is not None:
             dirs.check_width(d, f"model {source}")
@@ -564,7 +569,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
             test_sets(prompts)  # the evaluation's sets too: a bad one must not fail after the write
         lm = load_model(resolved.folder, device=device)
         if run_eval or alpha is None or dirs is None or method.calibrates:  # prompts will be formatted
-            format_chat(lm.tokenizer, "")  # no chat template: refused now, not after the write
+            format_chat(lm.tokenizer, "Hello")  # no chat template: refused now, not after the write
         # artifacts (direction, gates) are made here, then copied into the checkpoint's own temporary folder
         with tempfile.TemporaryDirectory(prefix="surgery-") as work:
             tmp_dir = Path(work)
@@ -844,15 +849,12 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
                                f"{'base model' if dir_proj is None else 'refusal-direction'} subspace cannot project")
 
         def projector_for(t: str, layout: str, w_al: torch.Tensor):
-            """The projector of a projectable tensor ``t`` (``w_al``: its aligned weight as (out, in))."""
+            """The projector of a projectable tensor ``t`` (``w_al``: its aligned weight as (out, in)); None
+            where V = W_aligned - W_base is zero (alignment did not touch ``t``: nothing to project onto)."""
             if dir_proj is not None:
                 return dir_proj
             v = w_al - _out_in(_weight(r_base, arch_b, t), layout).float()
-            if not bool(v.any()):
-                raise SurgeryError(f"safe-lora: the alignment matrix V = W_aligned - W_base of {t} is zero: the base "
-                                   f"model {base} equals the aligned model there, so every update would be projected "
-                                   "to nothing (--base must be the unaligned model the aligned one was trained from)")
-            return sl.Projector(v, projector, energy)
+            return sl.Projector(v, projector, energy) if bool(v.any()) else None
 
         def aligned_out_in(t: str, layout: str) -> torch.Tensor:
             return _out_in(_weight(r_al, arch, t), layout).float()
@@ -886,6 +888,13 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
                 continue
             w_al = aligned_out_in(t, layout) if dir_proj is None or key is not None else None
             P = projector_for(t, layout, w_al)
+            if P is None:  # the base equals the aligned model here: kept, like the other unprojectable rows
+                nb = (sl.lora_cosine(lm.A, lm.B, lm.B, lm.scaling)[1] if key is None
+                      else float(torch.linalg.vector_norm(diff, dtype=torch.float64)))
+                rows.append(sl.ModuleRow(m, t, None, norm_before=nb, norm_after=nb,
+                                         note="V = W_aligned - W_base is zero here (the base equals the aligned "
+                                              "model): kept"))
+                continue
             if key is None:
                 new_B[m] = P.apply(lm.B)
                 cos, nb, npj = sl.lora_cosine(lm.A, lm.B, new_B[m], lm.scaling)
@@ -894,13 +903,15 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
                 cos, nb, npj = sl.cosine(P.apply(dw), dw)
             rows.append(sl.ModuleRow(m, t, cos, norm_before=nb, norm_after=nb, norm_projected=npj, rank=P.rank))
             del P, w_al
-        if not any(r.cosine is not None for r in rows):
+        if not any(r.cosine is not None and not math.isnan(r.cosine) for r in rows):
             what = ("the fine-tuned model equals the aligned model" if not rows else
                     "it changes only " + ", ".join(r.tensor for r in rows[:8]) + (" ..." if len(rows) > 8 else ""))
+            if rows and all((r.note or "").startswith("V = W_aligned") for r in rows if r.cosine is None):
+                what += f"; the base model {base} equals the aligned model on every one of them"
             raise SurgeryError(f"safe-lora: the update has no module to project ({what}; see --help)")
         projected = sl.select(rows, threshold, top_k)
         say(sl.format_table(rows))
-        n_mod = sum(r.cosine is not None for r in rows)
+        n_mod = sum(r.cosine is not None and not math.isnan(r.cosine) for r in rows)
         say(f"projected {len(projected)} of {n_mod} modules")
         kept = [r.tensor for r in rows if r.cosine is None]
         if kept:

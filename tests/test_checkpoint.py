@@ -798,3 +798,19 @@ def test_save_tensors_is_byte_identical_across_processes(tmp_path):
         assert f.metadata() == {k: k * 3 for k in "edcba"}
         assert torch.equal(f.get_tensor("b"), torch.arange(6.).reshape(2, 3))
         assert torch.equal(f.get_tensor("a"), torch.ones(3, dtype=torch.int64))
+
+
+def test_input_protection_reads_inputs_as_users_write_them(tmp_path, monkeypatch):
+    """'~/model' and 'prompts.jsonl[val]' are inputs too (they were skipped as 'not a path')."""
+    from surgery.checkpoint.files import check_file_targets
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "surgery.json").write_text("{}")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(CheckpointError, match="is the input ~/m"):
+        CheckpointWriter.check_target(tmp_path / "m", True, ["~/m"])
+    with pytest.raises(CheckpointError, match="inside the input ~/m"):
+        check_file_targets([("-o", "~/m/x.safetensors")], inputs=["~/m"])
+    with pytest.raises(CheckpointError, match=r"is the input .*p\.jsonl\[val\]"):
+        check_file_targets([("--json", tmp_path / "p.jsonl")], overwrite=True, inputs=[f"{tmp_path}/p.jsonl[val]"])

@@ -189,6 +189,8 @@ def test_opening_gate_errors(tmp_path, tiny_chat):
         inject(str(tiny_chat), tmp_path / "o1", direction_file=tmp_path / "d.safetensors", prompts=SMALL, run_eval=False)
     with pytest.raises(SurgeryError, match="does not use a refusal direction; drop --source"):
         inject(str(tiny_chat), tmp_path / "o1", sources=("prompt",), prompts=SMALL, run_eval=False)
+    with pytest.raises(SurgeryError, match=r"--opening-layer \[9\] out of range"):
+        inject(str(tiny_chat), tmp_path / "o2", opening_layer=9, prompts=SMALL, run_eval=False)
     with pytest.raises(SurgeryError, match="--opening is empty"):
         inject(str(tiny_chat), tmp_path / "o2", opening=" ", prompts=SMALL, run_eval=False)
     with pytest.raises(SurgeryError, match="--rank applies only to --gate linear"):

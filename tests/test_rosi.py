@@ -228,10 +228,13 @@ def test_bad_inputs_fail_cleanly(tmp_path, tiny_chat):
     # layers the model does not have (tiny_chat has 2): refused, not silently edited fewer
     _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, layers=[0, 1, 5], alpha=1.0, direction_file=dfile,
                                                       run_eval=False, prompts=pc), r"--layers \[5\] out of range")
-    # a strength that is not a finite number >= 0, a zero direction: NaN weights were written
-    for bad in (float("nan"), float("inf"), -1.0):
+    # a strength that is not a finite number > 0 (NaN weights were written; 0 wrote an unchanged model), a zero
+    # direction; a swept strength may be 0 (the unedited row) but not negative
+    for bad in (float("nan"), float("inf"), -1.0, 0.0):
         _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alpha=bad, direction_file=dfile, run_eval=False,
-                                                          prompts=pc), "finite number >= 0")
+                                                          prompts=pc), "finite number > 0")
+    _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alphas=[1.0, -2.0], direction_file=dfile,
+                                                      run_eval=False, prompts=pc), "finite number >= 0")
     zero = Directions([Candidate("response", 1, "reply[0:4]", torch.zeros(32, dtype=torch.float64))], 0, "test")
     zfile = zero.save(tmp_path / "z" / "zero.safetensors")
     _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), out, alpha=1.0, direction_file=zfile, run_eval=False,

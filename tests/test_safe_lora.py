@@ -398,8 +398,35 @@ def test_zero_alignment_matrix_and_other_architectures_are_refused(world, tmp_pa
     al, ad = str(world["aligned"]), str(world["adapter"])
     deep = make_tiny_checkpoint("llama", tmp_path / "deep", num_hidden_layers=3)
     qwen = make_tiny_checkpoint("qwen2", tmp_path / "qwen")
-    for base, match in ((al, r"alignment matrix V = W_aligned - W_base of model\.layers\.\S+ is zero"),
+    for base, match in ((al, r"no module to project .*the base model \S+ equals the aligned model on every one"),
                         (str(deep), r"architecture: layers 2 vs 3"),
                         (str(qwen), r"architecture: model_type llama vs qwen2")):
         _assert_clean_failure(tmp_path, lambda: safe_lora(al, tmp_path / "out", base=base, adapter=ad), match)
         _assert_clean_failure(tmp_path, lambda: safe_lora(al, tmp_path / "out", base=base, finetuned=al), "")
+
+
+def test_a_tensor_alignment_did_not_touch_is_kept_not_fatal(tmp_path):
+    """Base and aligned differ on layer 0's o_proj only; the fine-tune also changed
+    layer 1's: that row is kept with its reason (the whole run used to stop)."""
+    from safetensors.torch import load_file, save_file
+
+    def variant(name: str, bumps: dict[str, float]) -> Path:
+        folder = shutil.copytree(tmp_path / "aligned", tmp_path / name)
+        shard = next(Path(folder).glob("*.safetensors"))
+        sd = load_file(str(shard))
+        g = torch.Generator().manual_seed(len(name))
+        for t, scale in bumps.items():
+            sd[t] = sd[t] + scale * torch.randn(sd[t].shape, generator=g)
+        save_file(sd, str(shard), metadata={"format": "pt"})
+        return Path(folder)
+
+    make_tiny_checkpoint("llama", tmp_path / "aligned")
+    o0, o1 = "model.layers.0.self_attn.o_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+    base = variant("base", {o0: 0.1})
+    ft = variant("ft", {o0: 0.05, o1: 0.05})
+    res = safe_lora(str(tmp_path / "aligned"), tmp_path / "out", base=str(base), finetuned=str(ft), threshold=1.0)
+    rows = {r.tensor: r for r in res.rows}
+    assert rows[o0].cosine is not None and not math.isnan(rows[o0].cosine) and o0 in res.projected
+    assert rows[o1].cosine is None and rows[o1].note.startswith("V = W_aligned - W_base is zero")
+    with CheckpointReader(tmp_path / "out") as out, CheckpointReader(ft) as f:
+        assert torch.equal(out.get(o1), f.get(o1))  # kept as the fine-tune made it

@@ -498,7 +498,8 @@ def merge_adapter(source_or_reader, adapter, out, *, overwrite: bool = False, re
 
     say = _say(say)
     out = Path(out)
-    CheckpointWriter.check_target(out, overwrite, [source_or_reader, adapter if not isinstance(adapter, LoraAdapter)
+    model_src = source_or_reader.folder if isinstance(source_or_reader, CheckpointReader) else source_or_reader
+    CheckpointWriter.check_target(out, overwrite, [model_src, adapter if not isinstance(adapter, LoraAdapter)
                                                    else getattr(adapter, "folder", None)])
     if not isinstance(adapter, LoraAdapter):
         adapter = load_adapter(adapter, adapter_revision, allow_pickle)

@@ -30,6 +30,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -266,6 +267,26 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+_SPLIT_SUFFIX = re.compile(r"(?:\[[A-Za-z0-9_-]+\]|:(?:train|val|test))$")
+
+
+def local_inputs(inputs) -> dict[Path, str]:
+    """The inputs that are local paths, as ``{real path: as given}``: ``~`` expanded,
+    a prompt source's ``[split]`` / ``:split`` suffix taken off; other sources
+    (Hub ids, aliases, ``builtin:...``, readers) are skipped."""
+    out: dict[Path, str] = {}
+    for src in inputs:
+        if src is None or not isinstance(src, (str, os.PathLike)):
+            continue
+        text = os.fspath(src)
+        for cand in (text, _SPLIT_SUFFIX.sub("", text)):
+            p = Path(cand).expanduser()
+            if cand and p.exists():
+                out.setdefault(Path(os.path.realpath(p)), text)
+                break
+    return out
+
+
 def check_file_targets(targets, overwrite: bool = False, inputs=()) -> None:
     """Raise CheckpointError now if writing single files is bound to fail or would
     destroy something, before any work: ``targets`` is ``[(what, path)]`` (``what``
@@ -274,18 +295,17 @@ def check_file_targets(targets, overwrite: bool = False, inputs=()) -> None:
     sources; non-paths skipped: inputs are never modified), an
     existing path without ``overwrite`` or that is not a file, a parent folder
     that cannot be created or written."""
-    seen: dict[str, str] = {}
-    real_inputs = {os.path.realpath(Path(i).expanduser()): str(i) for i in inputs
-                   if isinstance(i, (str, os.PathLike)) and os.path.exists(i)}
+    seen: dict[Path, str] = {}
+    real_inputs = local_inputs(inputs)
     for what, path in targets:
         path = Path(path).expanduser()
-        real = os.path.realpath(path)
+        real = Path(os.path.realpath(path))
         if real in seen:
             raise CheckpointError(f"{what} {path} is the same file as {seen[real]}: give distinct output paths")
         seen[real] = f"{what} {path}"
         if real in real_inputs:
             raise CheckpointError(f"{what} {path} is the input {real_inputs[real]}: writing it would destroy it")
-        inside = next((src for r, src in real_inputs.items() if Path(r) in Path(real).parents), None)
+        inside = next((src for r, src in real_inputs.items() if r in real.parents), None)
         if inside is not None:
             raise CheckpointError(f"{what} {path} is inside the input {inside}: write it elsewhere")
         if path.exists() or path.is_symlink():

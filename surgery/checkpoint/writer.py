@@ -130,12 +130,11 @@ class CheckpointWriter:
         not local paths are skipped) must not be ``out_dir`` or lie inside it, since
         replacing it with ``overwrite`` would delete them, and ``out_dir`` must not
         lie inside an input folder."""
+        from .files import local_inputs
+
         out = Path(out_dir)
         real_out = Path(os.path.realpath(out.expanduser()))
-        for src in inputs:
-            if src is None or not isinstance(src, (str, os.PathLike)) or not os.path.exists(src):
-                continue
-            real = Path(os.path.realpath(Path(src).expanduser()))
+        for real, src in local_inputs(inputs).items():
             if overwrite and (real == real_out or real_out in real.parents):
                 raise CheckpointError(f"output folder {out} {'is' if real == real_out else 'holds'} the input "
                                       f"{src}: --overwrite would delete it; write to another folder")

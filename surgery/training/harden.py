@@ -135,7 +135,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
         if run_eval:
             test_sets(prompts)  # the evaluation's sets too: a bad one must not fail after the write
         lm = load_model(resolved.folder, device=device)
-        format_chat(lm.tokenizer, "")  # no chat template: refused now, not after training
+        format_chat(lm.tokenizer, "Hello")  # no chat template: refused now, not after training
         say(f"refusal data: {len(harmful)} harmful -> refusals, "
             + " + ".join(f"{len(k)} {k.source}" for k in keep) + " -> the model's own replies")
         data = build_refusal_data(lm, harmful, keep, reply_tokens=reply_tokens, own_refusals=own_refusals,
