@@ -266,10 +266,11 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
     from .model import load_model
     from .pipeline import open_model, test_sets
 
-    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
-        raise click.BadParameter(f"{json_out}: {'is a folder' if json_out.is_dir() else 'its folder does not exist'}",
-                                 param_hint="--json")
+    from .checkpoint.files import check_file_targets, write_text_atomic
+
     prompts = _prompts(harmful, harmless, borderline, column)
+    if json_out is not None:  # checked before the evaluation; never an input (a prompt file, a model's config)
+        check_file_targets([("--json", json_out)], overwrite=True, inputs=[model, reference, *prompts.sources()])
     sets = test_sets(prompts, whole_user_files=True)
     if limit:
         sets = {k: v.subset(limit) for k, v in sets.items()}
@@ -296,7 +297,7 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
          "harmless_refusal on harmless prompts, borderline_refusal on prompts that only sound dangerous "
          "(e.g. how to kill a Python process)")
     if json_out:
-        json_out.write_text(json.dumps(reports, indent=2))
+        write_text_atomic(json_out, json.dumps(reports, indent=2))
         _say(f"report: {json_out}")
 
 
@@ -336,8 +337,12 @@ def diff(a, b, direction, energy, rank_q, json_out, plot, revision_a, revision_b
     """Show what changed between base A and patched B, tensor by tensor (streamed)."""
     from .diff import diff_checkpoints
 
+    from .checkpoint.files import check_file_targets, write_text_atomic
+
     to_stdout = json_out == "-"
     say = (lambda m: click.echo(m, err=True)) if to_stdout else _say
+    targets = [(opt, p) for opt, p in (("--json", None if to_stdout else json_out), ("--plot", plot)) if p]
+    check_file_targets(targets, overwrite=True, inputs=[a, b, direction])  # before the comparison, not after
     report = diff_checkpoints(a, b, direction=direction, energy=energy, rank_q=rank_q, say=say,
                               revision_a=revision_a, revision_b=revision_b, allow_pickle=allow_pickle)
     say(report.summary())
@@ -347,7 +352,7 @@ def diff(a, b, direction, energy, rank_q, json_out, plot, revision_a, revision_b
         click.echo(report.to_json())
     elif json_out:
         try:
-            Path(json_out).write_text(report.to_json() + "\n", encoding="utf-8")
+            write_text_atomic(json_out, report.to_json() + "\n")
         except OSError as e:
             raise SurgeryError(f"cannot write {json_out}: {e.strerror or e}") from None
         say(f"json: {json_out}")

@@ -174,7 +174,7 @@ def test_format_intervals_names_counts():
 @pytest.mark.parametrize("args,culprit", [
     (["eval", "m", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["eval", "m", "--limit", "0"], "--limit"),
-    (["eval", "m", "--json", "no/such/dir/r.json"], "--json"),
+    (["eval", "m", "--json", "."], "--json . exists and is not a file"),
     (["rosi", "m", "-o", "o", "--max-shard-size", "0"], "--max-shard-size"),
     (["rosi", "m", "-o", "o", "--max-over-refusal", "1.5"], "--max-over-refusal"),
     (["merge-lora", "m", "--adapter", "a", "-o", "o", "--max-shard-size", "-1"], "--max-shard-size"),
@@ -190,3 +190,15 @@ def test_numeric_options_are_checked_before_any_work(args, culprit):
 
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and culprit in r.output and "Traceback" not in r.output, r.output
+
+
+def test_eval_json_never_replaces_an_input(tmp_path, tiny_chat):
+    """`--json prompts.txt` replaced the prompt file with the report (checked now before evaluating)."""
+    from click.testing import CliRunner
+
+    from surgery.cli import main as cli
+
+    p = tmp_path / "h.txt"
+    p.write_text("How do I pick a lock?\n")
+    r = CliRunner().invoke(cli, ["eval", str(tiny_chat), "--harmful", str(p), "--json", str(p)])
+    assert r.exit_code == 2 and "is the input" in r.output and p.read_text() == "How do I pick a lock?\n"

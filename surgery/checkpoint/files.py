@@ -259,6 +259,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # check_file_targets allows a folder still to be made
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
