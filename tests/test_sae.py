@@ -408,8 +408,17 @@ def test_cli_sae_train_end_to_end(tiny_chat, tmp_path):
                                    "--corpus", str(empty)])
     assert res.exit_code == 2 and "empty" in res.output
     res = CliRunner().invoke(cli, ["sae", "train", str(tiny_chat), "--layers", "7", "-o", str(tmp_path / "z")])
-    assert res.exit_code == 2 and "layer 7 is out of range" in res.output
+    assert res.exit_code == 2 and "--layers [7] out of range" in res.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    # never into an input folder, and --overwrite replaces only an earlier SAE (it deleted a user's folder)
+    res = CliRunner().invoke(cli, ["sae", "train", str(tiny_chat), "--layers", "1", "-o", str(tiny_chat)])
+    assert res.exit_code == 2 and "is inside the input" in res.output and not (Path(tiny_chat) / "layer_1").exists()
+    mine = tmp_path / "mine" / "layer_1"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    res = CliRunner().invoke(cli, ["sae", "train", str(tiny_chat), "--layers", "1", "-o", str(tmp_path / "mine"),
+                                   "--overwrite"])
+    assert res.exit_code == 2 and "is not an SAE folder" in res.output and (mine / "notes.txt").read_text() == "precious"
 
 
 def test_cli_sae_train_on_corpus_file(tiny_chat, tmp_path):

@@ -32,11 +32,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from ..architectures import check_layers
+from ..checkpoint.files import local_inputs
+from ..errors import SurgeryError
 from .collect import build_corpus, collect_activations, load_corpus_files
 from .model import SAE, SAEError, hook_name_for_layer
 
@@ -253,15 +257,25 @@ def train_model_saes(source: str, out: str | Path, layers: Sequence[int], *, d_s
     finally:
         reader.close()
     layers = sorted({int(l) for l in layers})
-    for l in layers:
-        if not 0 <= l < num_layers:
-            raise SAEError(f"layer {l} is out of range: {source} has {num_layers} layers (0-{num_layers - 1})")
+    try:
+        check_layers(layers, num_layers, "--layers")
+    except SurgeryError as e:
+        raise SAEError(f"{source}: {e}") from None
     d_sae = d_sae if d_sae is not None else expansion * hidden
     check_sizes(d_sae, k)
+    inputs = local_inputs([source, resolved.folder, *(corpus_files or ())])
     for l in layers:
         target = layer_folder(out, l)
+        real_t = Path(os.path.realpath(Path(target).expanduser()))
+        for real, src in inputs.items():  # inputs are never modified: not written into, not replaced
+            if real == real_t or real in real_t.parents or real_t in real.parents:
+                raise SAEError(f"output {target} {'is inside' if real in real_t.parents else 'is or holds'} the "
+                               f"input {src}; write to another folder")
         if target.exists() and not overwrite:
             raise SAEError(f"output folder exists: {target} (use --overwrite)")
+        if target.exists() and not (target / "cfg.json").is_file():  # --overwrite replaces only an earlier SAE
+            raise SAEError(f"{target} is not an SAE folder (no cfg.json): --overwrite replaces only those; "
+                           "empty it yourself or write to another folder")
     # user files are read (and an empty one refused) before the model is loaded
     corpus = load_corpus_files(corpus_files, column, limit) if corpus_files else None
 
