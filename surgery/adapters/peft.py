@@ -546,7 +546,7 @@ def save_peft_adapter(folder, modules, r: int | None = None, alpha: float | None
     are written as ``base_model.model.<key>`` (e.g. ``lm_head.weight`` with
     ``modules_to_save=["lm_head"]``); ``files`` are extra files; ``manifest`` (if
     given) is written last as ``surgery.json``, hashing the other files."""
-    from ..checkpoint.files import safetensors_bytes
+    from ..checkpoint.files import write_safetensors
 
     from ..checkpoint import CheckpointWriter
 
@@ -605,7 +605,7 @@ def save_peft_adapter(folder, modules, r: int | None = None, alpha: float | None
         raise AdapterError(f"cannot create a temporary folder next to {folder}: {' '.join(str(e).split())}") from None
     try:
         os.chmod(tmp, 0o755)
-        (tmp / WEIGHTS_FILE).write_bytes(safetensors_bytes(tensors, {"format": "pt"}))
+        write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for rel, content in (files or {}).items():
             if isinstance(content, Path):

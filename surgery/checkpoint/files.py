@@ -321,9 +321,10 @@ def check_file_targets(targets, overwrite: bool = False, inputs=()) -> None:
             raise CheckpointError(f"{what} {path}: cannot write in {parent}")
 
 
-def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
-    """``safetensors.torch.save`` with a canonical header (keys sorted, compact),
-    so the same tensors and metadata always give the same bytes."""
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save`` written to ``path`` with a canonical header (keys
+    sorted, compact), so the same tensors and metadata always give the same bytes;
+    the data section is written from the serialised buffer, not copied."""
     from safetensors.torch import save
 
     raw = save(tensors, metadata=metadata)
@@ -333,13 +334,16 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(memoryview(raw)[8 + n:])
+    return Path(path)
 
 
 def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file deterministically (:func:`safetensors_bytes`) and atomically."""
-    data = safetensors_bytes(tensors, metadata)
-    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    """Write a safetensors file deterministically (:func:`write_safetensors`) and atomically."""
+    return write_atomic(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

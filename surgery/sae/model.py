@@ -227,7 +227,7 @@ class SAE:
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``folder/cfg.json`` and ``folder/sae_weights.safetensors``
         atomically (a temporary sibling renamed into place)."""
-        from ..checkpoint.files import safetensors_bytes
+        from ..checkpoint.files import write_safetensors
 
         out = Path(folder)
         if out.exists() and not overwrite:
@@ -240,7 +240,7 @@ class SAE:
         try:
             tmp.mkdir()
             tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in self.tensors().items()}
-            (tmp / WEIGHTS_FILE).write_bytes(safetensors_bytes(tensors))
+            write_safetensors(tmp / WEIGHTS_FILE, tensors)
             (tmp / CFG_FILE).write_text(json.dumps(self.cfg(), indent=2) + "\n", encoding="utf-8")
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
