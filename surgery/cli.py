@@ -121,11 +121,12 @@ def directions(model, out, overwrite, sources, rank_by, harmful, harmless, borde
                device):
     """Compute refusal-direction candidates for MODEL, score them, pick one."""
     from .checkpoint.files import check_file_targets
+    from .directions import Directions
     from .model import load_model
     from .pipeline import compute_directions, open_model
 
     prompts = _prompts(harmful, harmless, borderline, column)
-    out = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")  # what Directions.save writes
+    out = Directions.path_for(out)  # the file Directions.save writes
     targets = [("--out", out), ("--out's sidecar", Path(f"{out}.json"))]
     check_file_targets(targets, overwrite, [model, *prompts.sources()])
     resolved, reader, _ = open_model(model, revision, allow_pickle, _say)

@@ -266,11 +266,15 @@ class Directions:
     def best(self) -> Candidate:
         return self.candidates[self.chosen]
 
+    @staticmethod
+    def path_for(path: str | Path) -> Path:
+        """The file :meth:`save` writes for ``path`` (a ``.safetensors`` suffix enforced)."""
+        path = Path(path)
+        return path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+
     def save(self, path: str | Path) -> Path:
         """``path`` (.safetensors) holds the vectors; ``path`` + ``.json`` the metadata."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
+        path = self.path_for(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         vecs = torch.stack([c.vector.to(torch.float32) for c in self.candidates])
         tensors = {"directions": vecs.contiguous(), "chosen": self.best.vector.to(torch.float32).contiguous()}
