@@ -879,21 +879,20 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
                     if r_ft is None:  # a replacement equal to the model's tensor: listed, nothing to do
                         rows.append(sl.ModuleRow(m, t, float("nan")))
                     continue  # unchanged by the fine-tuning: not part of the update
-            if not projectable(t, layout, ndim):
+            def kept(why: str) -> None:
+                """A row for an update kept as is (its real norm, before = after)."""
                 nb = (sl.lora_cosine(lm.A, lm.B, lm.B, lm.scaling)[1] if key is None
                       else float(torch.linalg.vector_norm(diff, dtype=torch.float64)))
-                why = ("output is not the residual stream: kept" if ndim == 2 and layout in _MATRIX_LAYOUTS
-                       else "not a weight matrix: kept" if ndim != 2 else f"layout '{layout}' is not a known matrix: kept")
                 rows.append(sl.ModuleRow(m, t, None, norm_before=nb, norm_after=nb, note=why))
+
+            if not projectable(t, layout, ndim):
+                kept("output is not the residual stream: kept" if ndim == 2 and layout in _MATRIX_LAYOUTS
+                     else "not a weight matrix: kept" if ndim != 2 else f"layout '{layout}' is not a known matrix: kept")
                 continue
             w_al = aligned_out_in(t, layout) if dir_proj is None or key is not None else None
             P = projector_for(t, layout, w_al)
             if P is None:  # the base equals the aligned model here: kept, like the other unprojectable rows
-                nb = (sl.lora_cosine(lm.A, lm.B, lm.B, lm.scaling)[1] if key is None
-                      else float(torch.linalg.vector_norm(diff, dtype=torch.float64)))
-                rows.append(sl.ModuleRow(m, t, None, norm_before=nb, norm_after=nb,
-                                         note="V = W_aligned - W_base is zero here (the base equals the aligned "
-                                              "model): kept"))
+                kept("V = W_aligned - W_base is zero here (the base equals the aligned model): kept")
                 continue
             if key is None:
                 new_B[m] = P.apply(lm.B)

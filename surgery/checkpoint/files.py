@@ -185,8 +185,8 @@ def copy_aux_files(src_folder, dst_folder, config_updates: dict | None = None) -
 
     ``config.json`` is required; ``config_updates`` (e.g. ``{"tie_word_embeddings":
     False}``) are merged into it (top-level keys; ``tie_word_embeddings`` also in
-    sub-configs that carry it, so an untied multimodal config does not contradict itself).  Symlinks (as in the HF cache)
-    are followed: the copy holds the content.  Returns the copied file names,
+    sub-configs that carry it, so an untied multimodal config does not contradict
+    itself).  Symlinks (as in the HF cache) are followed: the copy holds the content.  Returns the copied file names,
     sorted.  Any failure raises CheckpointError naming the file.
     """
     src, dst = Path(src_folder), Path(dst_folder)
@@ -286,6 +286,20 @@ def local_inputs(inputs) -> dict[Path, str]:
                 out.setdefault(Path(os.path.realpath(p)), text)
                 break
     return out
+
+
+def check_folder_inputs(out_dir: str | Path, inputs, overwrite: bool = False) -> None:
+    """Raise CheckpointError if writing the folder ``out_dir`` would change an input:
+    ``out_dir`` inside an input folder (the input's own verify would then fail), or,
+    with ``overwrite``, ``out_dir`` being or holding an input (replacing it deletes it)."""
+    real_out = Path(os.path.realpath(Path(out_dir).expanduser()))
+    for real, src in local_inputs(inputs).items():
+        if overwrite and (real == real_out or real_out in real.parents):
+            raise CheckpointError(f"output folder {out_dir} {'is' if real == real_out else 'holds'} the input "
+                                  f"{src}: --overwrite would delete it; write to another folder")
+        if real != real_out and real in real_out.parents:
+            raise CheckpointError(f"output folder {out_dir} is inside the input {src}: inputs are never modified; "
+                                  "write to another folder")
 
 
 def check_file_targets(targets, overwrite: bool = False, inputs=()) -> None:

@@ -130,17 +130,10 @@ class CheckpointWriter:
         not local paths are skipped) must not be ``out_dir`` or lie inside it, since
         replacing it with ``overwrite`` would delete them, and ``out_dir`` must not
         lie inside an input folder."""
-        from .files import local_inputs
+        from .files import check_folder_inputs
 
         out = Path(out_dir)
-        real_out = Path(os.path.realpath(out.expanduser()))
-        for real, src in local_inputs(inputs).items():
-            if overwrite and (real == real_out or real_out in real.parents):
-                raise CheckpointError(f"output folder {out} {'is' if real == real_out else 'holds'} the input "
-                                      f"{src}: --overwrite would delete it; write to another folder")
-            if real != real_out and real in real_out.parents:  # the input folder would change (its verify fails)
-                raise CheckpointError(f"output folder {out} is inside the input {src}: inputs are never modified; "
-                                      "write to another folder")
+        check_folder_inputs(out, inputs, overwrite)
         if out.exists() or out.is_symlink():
             if not overwrite:
                 raise CheckpointError(f"output folder exists: {out}")

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ..architectures import check_layers
-from ..checkpoint.files import local_inputs
+from ..checkpoint.files import check_folder_inputs
 from ..errors import SurgeryError
 from .collect import build_corpus, collect_activations, load_corpus_files
 from .model import SAE, SAEError, hook_name_for_layer
@@ -263,14 +262,10 @@ def train_model_saes(source: str, out: str | Path, layers: Sequence[int], *, d_s
         raise SAEError(f"{source}: {e}") from None
     d_sae = d_sae if d_sae is not None else expansion * hidden
     check_sizes(d_sae, k)
-    inputs = local_inputs([source, resolved.folder, *(corpus_files or ())])
     for l in layers:
         target = layer_folder(out, l)
-        real_t = Path(os.path.realpath(Path(target).expanduser()))
-        for real, src in inputs.items():  # inputs are never modified: not written into, not replaced
-            if real == real_t or real in real_t.parents or real_t in real.parents:
-                raise SAEError(f"output {target} {'is inside' if real in real_t.parents else 'is or holds'} the "
-                               f"input {src}; write to another folder")
+        # inputs are never modified (an existing target without --overwrite is refused just below)
+        check_folder_inputs(target, [source, resolved.folder, *(corpus_files or ())], overwrite)
         if target.exists() and not overwrite:
             raise SAEError(f"output folder exists: {target} (use --overwrite)")
         if target.exists() and not (target / "cfg.json").is_file():  # --overwrite replaces only an earlier SAE
