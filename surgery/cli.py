@@ -606,7 +606,8 @@ def lora_sft(model, rank, targets, preset, **o):
 @click.option("--sae", default=None, help="SAEs: a folder from `surgery sae train` (layer_L/ subfolders), an "
               "SAELens folder or Hub id (default: train TopK SAEs now).")
 @click.option("--sae-layers", default=None, help="Layers of the SAEs / safety subspaces [default: with --sae, the "
-              "layers of its SAEs (every layer_L/ of a `surgery sae train` folder); SAEs trained now: 8,16].")
+              "layers of its SAEs (every layer_L/ of a `surgery sae train` folder); SAEs trained now: at 27% and 53% of the "
+              "depth, 8,16 on a 30-layer model].")
 @click.option("--k-features", type=click.IntRange(min=1), default=64, show_default=True,
               help="SAE features kept per layer.")
 @click.option("--variance", type=click.FloatRange(0, 1, min_open=True), default=0.80, show_default=True,

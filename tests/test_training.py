@@ -456,7 +456,6 @@ def _saes(folder, layers, d_in=32, d_sae=64):
     ("lora_layers", r"LoRA layers \(--layers\) \[4, 5, 6, 7, 8, 9\] out of range \(the model has 4 layers"),
     ("lora_targets", r"\['bogus'\] not found .*--targets"),
     ("gpt2_up_proj", r"\['up_proj'\] not found in model_type 'gpt2'"),
-    ("sails_default_layers", r"SAE layers \(--sae-layers, default 8,16\) \[8, 16\] out of range"),
     ("sails_sae_layers", r"SAE layers \(--sae-layers\) \[5\] out of range"),
     ("sails_layers", r"LoRA layers \(--layers\) \[7\] out of range"),
     ("sails_missing_sae", "SAE not found: nonexistent_dir"),
@@ -470,7 +469,6 @@ def test_plan_is_checked_before_the_model_is_loaded(tmp_path, tiny_chat, tiny_gp
     args = {"lora_layers": ["lora-sft", tiny_chat, "--layers", "2-9"],
             "lora_targets": ["lora-sft", tiny_chat, "--targets", "bogus"],
             "gpt2_up_proj": ["lora-sft", tiny_gpt2, "--targets", "up_proj"],
-            "sails_default_layers": ["sails", tiny_chat],
             "sails_sae_layers": ["sails", tiny_chat, "--sae-layers", "1,5"],
             "sails_layers": ["sails", tiny_chat, "--sae-layers", "1", "--layers", "7"],
             "sails_missing_sae": ["sails", tiny_chat, "--sae", "nonexistent_dir"],
@@ -516,6 +514,22 @@ def test_sails_uses_the_layers_of_a_sae_train_folder_and_records_its_parameters(
     with CheckpointReader(tiny_chat) as r:
         one.check(r, get_architecture(r.config))
     assert one.sae_layers == [2] and set(one.saes) == {2}
+
+
+def test_sails_default_sae_layers_follow_the_depth(tiny_chat):
+    """SAEs trained now sit at layers 8 and 16 of a 30-layer model and at the same depths elsewhere
+    (the fixed 8,16 refused every model under 17 layers)."""
+    from surgery.architectures import get_architecture
+    from surgery.checkpoint import CheckpointReader
+    from surgery.training.sails import default_sae_layers
+
+    assert default_sae_layers(30) == [8, 16]
+    assert default_sae_layers(24) == [6, 13] and default_sae_layers(4) == [1, 2]
+    assert default_sae_layers(2) == [1] and default_sae_layers(1) == [0]
+    m = Sails()
+    with CheckpointReader(tiny_chat) as r:
+        m.check(r, get_architecture(r.config))
+    assert m.sae_layers == [1, 2]
 
 
 def test_sigterm_removes_the_temporary_folder(tmp_path, tiny_chat):

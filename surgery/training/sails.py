@@ -51,7 +51,14 @@ def _texts(lm: LoadedModel, data: RefusalData, origins: tuple[str, ...], reply_t
     return out
 
 
-DEFAULT_SAE_LAYERS = (8, 16)  # SAEs trained now; with --sae, the layers of the SAEs given
+SAE_DEPTHS = (8 / 30, 16 / 30)  # SAEs trained now: layers 8 and 16 of SmolLM2-135M's 30, at the same depth elsewhere
+
+
+def default_sae_layers(n_layers: int) -> list[int]:
+    """The layers of the SAEs trained when neither ``--sae`` nor ``--sae-layers``
+    is given: the same relative depths as layers 8 and 16 of a 30-layer model
+    (rounded, distinct; a 4-layer model gets 1 and 2)."""
+    return sorted({min(n_layers - 1, int(f * n_layers + 0.5)) for f in SAE_DEPTHS})
 
 
 class Sails(TrainMethod):
@@ -98,8 +105,8 @@ class Sails(TrainMethod):
             self.sae_layers = sorted(self.saes)
             return
         given = self.sae_layers is not None
-        self.sae_layers = self.sae_layers if given else list(DEFAULT_SAE_LAYERS)
-        check_layers(self.sae_layers, n_layers, "SAE layers (--sae-layers" + ("" if given else ", default 8,16") + ")")
+        self.sae_layers = self.sae_layers if given else default_sae_layers(n_layers)
+        check_layers(self.sae_layers, n_layers, "SAE layers (--sae-layers)")
         self.d_sae = self.d_sae or 4 * hidden
         check_sizes(self.d_sae, self.sae_k)
 
@@ -171,7 +178,7 @@ class Sails(TrainMethod):
         if not self.saes and self.sae_source:
             self.saes = self._load_saes(lm.hidden_size, lm.num_layers)
         if self.sae_layers is None:
-            self.sae_layers = list(DEFAULT_SAE_LAYERS)
+            self.sae_layers = default_sae_layers(lm.num_layers)
         saes = self.saes or self._train_saes(lm, data, work, say)
         pos = post_instruction_positions(lm.tokenizer)
         harm_p = [e.prompt for e in data.examples if e.origin in REFUSALS]
