@@ -64,7 +64,7 @@ from typing import Callable, Iterable
 import torch
 
 from .checkpoint import CheckpointReader, resolve_model
-from .errors import ArchitectureError, DirectionError, SurgeryError
+from .errors import ArchitectureError, DirectionError, SurgeryError, check_count
 
 Say = Callable[[str], None]
 
@@ -536,8 +536,7 @@ def diff_checkpoints(a, b, *, direction=None, energy: float = 0.99, rank_q: int 
     a direction file (see :func:`load_direction`)."""
     if not 0.0 < energy <= 1.0:
         raise SurgeryError(f"energy must be in (0, 1], got {energy}")
-    if isinstance(rank_q, bool) or not isinstance(rank_q, int) or rank_q < 1:
-        raise SurgeryError(f"rank_q must be a positive integer, got {rank_q!r}")
+    check_count(rank_q, "rank_q")
     say = say or (lambda msg: None)
     r_hat = load_direction(direction) if direction is not None else None
     t0 = time.perf_counter()

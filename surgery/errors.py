@@ -25,3 +25,11 @@ class DirectionError(SurgeryError):
 
 class ManifestError(SurgeryError):
     """A manifest is missing, malformed or does not match the files."""
+
+
+def check_count(value, what: str, minimum: int = 1, error: type[SurgeryError] = SurgeryError) -> None:
+    """Refuse anything but an integer >= ``minimum`` (bools too), naming ``what``:
+    ``check_count(k, "--k-features")`` -> "--k-features must be a positive integer, got 0"."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        want = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise error(f"{what} must be {want}, got {value!r}")

@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from surgery.errors import PromptError
+from surgery.errors import PromptError, check_count
 
 __all__ = [
     "PromptSet",
@@ -126,8 +126,7 @@ class PromptSet:
         order.  The choice depends only on the prompt texts and the seed (not on the
         Python version), and subset(n) is contained in subset(n + 1).  ``n >= len``
         returns ``self``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise PromptError(f"subset size must be a positive integer, got {n!r} (source {self.source})")
+        check_count(n, f"subset size (source {self.source})", error=PromptError)
         if n >= len(self.prompts):
             return self
 
@@ -443,8 +442,8 @@ def load_prompts(
     Prompts are stripped and empty ones skipped; ``limit`` keeps the first N.
     User errors raise :class:`PromptError` naming the file and line or field.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise PromptError(f"limit must be a positive integer, got {limit!r}")
+    if limit is not None:
+        check_count(limit, "limit", error=PromptError)
     src = os.fspath(source).strip() if isinstance(source, (str, os.PathLike)) else None
     if not src:
         raise PromptError(f"prompt source must be a non-empty string or path, got {source!r}")

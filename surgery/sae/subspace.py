@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 
 from ..checkpoint.files import _one_line, save_tensors, write_text_atomic
+from ..errors import check_count
 from .model import SAE, SAEError
 
 FORMAT = "surgery.sae_subspace/1"
@@ -170,8 +171,7 @@ def safety_subspace(sae: SAE, harmful_acts: torch.Tensor, harmless_acts: torch.T
     """The SAILS safety subspace of ``sae`` from harmful vs harmless activations (see the module docstring)."""
     _check(sae, harmful_acts, "harmful")
     _check(sae, harmless_acts, "harmless")
-    if isinstance(k_features, bool) or not isinstance(k_features, int) or k_features < 1:
-        raise SAEError(f"k_features must be a positive integer, got {k_features!r}")
+    check_count(k_features, "k_features", error=SAEError)
     if not 0 < variance <= 1:
         raise SAEError(f"variance must be in (0, 1], got {variance!r}")
     diff = feature_means(sae, harmful_acts, batch_size) - feature_means(sae, harmless_acts, batch_size)

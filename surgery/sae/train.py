@@ -39,7 +39,7 @@ import torch
 
 from ..architectures import check_layers
 from ..checkpoint.files import check_folder_inputs
-from ..errors import SurgeryError
+from ..errors import SurgeryError, check_count
 from .collect import build_corpus, collect_activations, load_corpus_files
 from .model import SAE, SAEError, hook_name_for_layer
 
@@ -76,10 +76,8 @@ def _check_acts(acts: torch.Tensor) -> None:
 
 def check_sizes(d_sae: int, k: int) -> None:
     """The checks on SAE sizes that can be made before any work."""
-    if isinstance(d_sae, bool) or not isinstance(d_sae, int) or d_sae < 1:
-        raise SAEError(f"d_sae must be a positive integer, got {d_sae!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise SAEError(f"k must be a positive integer, got {k!r}")
+    check_count(d_sae, "d_sae", error=SAEError)
+    check_count(k, "k", error=SAEError)
     if k > d_sae:
         raise SAEError(f"k={k} is larger than d_sae={d_sae}: a TopK SAE keeps k of its d_sae latents")
 
@@ -88,12 +86,11 @@ def check_schedule(steps: int | None, epochs: float | None, batch_size: int, lr:
     """The checks on the training length and step that can be made before any work."""
     if steps is not None and epochs is not None:
         raise SAEError("give steps or epochs, not both (--steps, --epochs)")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise SAEError(f"steps (--steps) must be a positive integer, got {steps!r}")
+    if steps is not None:
+        check_count(steps, "steps (--steps)", error=SAEError)
     if epochs is not None and not epochs > 0:
         raise SAEError(f"epochs (--epochs) must be positive, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SAEError(f"batch_size (--batch-size) must be a positive integer, got {batch_size!r}")
+    check_count(batch_size, "batch_size (--batch-size)", error=SAEError)
     if lr is not None and not lr > 0:
         raise SAEError(f"lr (--lr) must be positive, got {lr!r}")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..checkpoint import CheckpointWriter, sha256_file
-from ..errors import SurgeryError
+from ..errors import SurgeryError, check_count
 from ..manifest import build_manifest, update_manifest
 from ..model import LoadedModel, load_model
 from .data import RefusalData, build_refusal_data
@@ -69,8 +69,7 @@ class LoraSFT(TrainMethod):
 
     def __init__(self, rank: int = 8, targets: Sequence[str] = ("writers",), layers: Sequence[int] | None = None,
                  alpha: float | None = None, preset: str | None = None):
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise SurgeryError(f"LoRA rank must be a positive integer (--rank), got {rank!r}")
+        check_count(rank, "LoRA rank (--rank)")
         self.spec = LoraSpec(rank=rank, alpha=alpha, targets=tuple(targets), layers=layers)
         self.preset = preset
 
@@ -116,10 +115,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
     CheckpointWriter.check_target(out, overwrite, [source, unit_mask, *prompts.sources()])
     config = config or TrainConfig()
     config.check()
-    if isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int) or reply_tokens < 1:
-        raise SurgeryError(f"reply_tokens (--reply-tokens) must be a positive integer, got {reply_tokens!r}")
-    if isinstance(refusal_trajectories, bool) or not isinstance(refusal_trajectories, int) or refusal_trajectories < 0:
-        raise SurgeryError(f"refusal_trajectories (--trajectory-tokens) must be an integer >= 0, got {refusal_trajectories!r}")
+    check_count(reply_tokens, "reply_tokens (--reply-tokens)")
+    check_count(refusal_trajectories, "refusal_trajectories (--trajectory-tokens)", minimum=0)
     umap = None
     if unit_mask is not None:  # the SSAH "alignment budget": updates only in these units' channels
         from ..units.unitmap import UnitMap

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import sha256_file
-from ..errors import SurgeryError
+from ..errors import SurgeryError, check_count
 from ..model import LoadedModel
 from .data import RefusalData
 from .harden import TrainMethod
@@ -72,14 +72,12 @@ class Sails(TrainMethod):
             raise SurgeryError(f"SAILS contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
         if sae_layers is not None and not sae_layers:
             raise SurgeryError("SAILS needs at least one SAE layer (--sae-layers)")
-        if isinstance(k_features, bool) or not isinstance(k_features, int) or k_features < 1:
-            raise SurgeryError(f"--k-features must be a positive integer, got {k_features!r}")
+        check_count(k_features, "--k-features")
         if not 0 < variance <= 1:
             raise SurgeryError(f"--variance must be in (0, 1], got {variance!r}")
-        if not sae_epochs > 0 or isinstance(response_tokens, bool) or not isinstance(response_tokens, int) \
-                or response_tokens < 1:
-            raise SurgeryError(f"SAILS needs sae_epochs > 0 and response_tokens >= 1, got {sae_epochs!r}, "
-                               f"{response_tokens!r}")
+        if not sae_epochs > 0:
+            raise SurgeryError(f"SAILS needs sae_epochs > 0, got {sae_epochs!r}")
+        check_count(response_tokens, "SAILS response_tokens")
         self.sae_source = sae
         self.sae_layers = None if sae_layers is None else sorted(set(int(x) for x in sae_layers))
         self.layers, self.targets = layers, tuple(targets)

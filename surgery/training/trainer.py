@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..defaults import REFUSAL_TOLERANCE
-from ..errors import SurgeryError
+from ..errors import SurgeryError, check_count
 from ..evaluation.judges import Judge, MarkerJudge
 from ..evaluation.metrics import first_token_kl, first_token_logprobs, refusal_rate
 from ..model import LoadedModel
@@ -80,16 +80,10 @@ class TrainConfig:
         def bad(name: str, want: str) -> SurgeryError:
             return SurgeryError(f"{name} (--{name.replace('_', '-')}) must be {want}, got {getattr(self, name)!r}")
 
-        def integer(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("epochs", "batch_size", "patience", "eval_tokens"):
-            if not integer(getattr(self, name)) or getattr(self, name) < 1:
-                raise bad(name, "a positive integer")
-        for name in ("max_steps", "eval_every"):
+        for name in ("epochs", "batch_size", "patience", "eval_tokens", "max_steps", "eval_every"):
             v = getattr(self, name)
-            if v is not None and (not integer(v) or v < 1):
-                raise bad(name, "a positive integer")
+            if v is not None or name not in ("max_steps", "eval_every"):  # those two may be None (no limit)
+                check_count(v, f"{name} (--{name.replace('_', '-')})")
         for name in ("lr", "first_token_weight", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise bad(name, "> 0")
