@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -133,12 +134,31 @@ def build_manifest(*, input_info: dict, method: str, parameters: dict, datasets:
     }
 
 
+SELF_DIGEST = "content_sha256"
+
+
+def content_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content (canonical JSON, its own digest left out).
+    Stored in the manifest, so `verify` notices a manifest edited by hand (the
+    evaluation figures, the parameters); it is not a signature: whoever rewrites the
+    file on purpose can recompute it."""
+    body = {k: v for k, v in manifest.items() if k != SELF_DIGEST}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _write(folder: Path, manifest: dict) -> Path:
+    manifest = {k: v for k, v in manifest.items() if k != SELF_DIGEST}
+    manifest[SELF_DIGEST] = content_digest(manifest)
+    return write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
     """Hash every file of ``folder`` into ``manifest['outputs']`` and write it atomically."""
     folder = Path(folder)
     manifest = dict(manifest)
     manifest["outputs"] = hash_folder(folder)
-    return write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return _write(folder, manifest)
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -159,8 +179,8 @@ def update_manifest(folder: str | Path, **fields) -> dict:
     folder = Path(folder)
     m = read_manifest(folder)
     m.update(fields)
-    write_text_atomic(folder / MANIFEST, json.dumps(m, indent=2) + "\n")
-    return m
+    _write(folder, m)
+    return read_manifest(folder)
 
 
 def verify(folder: str | Path) -> list[str]:
@@ -170,6 +190,9 @@ def verify(folder: str | Path) -> list[str]:
     expected: dict = m["outputs"]
     actual = hash_folder(folder)
     problems = []
+    if SELF_DIGEST in m and m[SELF_DIGEST] != content_digest(m):
+        problems.append(f"changed: {MANIFEST} (its content no longer matches its {SELF_DIGEST}: edited after it was "
+                        "written)")
     for rel, sha in expected.items():
         if rel not in actual:
             problems.append(f"missing: {rel}")

@@ -128,6 +128,15 @@ def test_rosi_pipeline_outputs_loadable_verified_checkpoint(tmp_path, tiny_chat)
     runner = CliRunner()
     r1 = runner.invoke(cli, ["verify", str(out)])
     assert r1.exit_code == 0 and f"its sha256 {sha256_file(out / 'surgery.json')}" in r1.output
+    # the manifest edited by hand (an evaluation figure, a parameter): verify names it; a re-indent does not count
+    text = (out / "surgery.json").read_text()
+    (out / "surgery.json").write_text(text.replace('"alpha": 4.0', '"alpha": 5.0'))
+    probs = verify(out)
+    assert len(probs) == 1 and probs[0].startswith("changed: surgery.json"), probs
+    import json
+
+    (out / "surgery.json").write_text(json.dumps(json.loads(text), indent=4))
+    assert verify(out) == []
     (out / "config.json").write_text((out / "config.json").read_text() + " ")
     r2 = runner.invoke(cli, ["verify", str(out)])
     assert r2.exit_code == 1 and "config.json" in r2.output
