@@ -238,6 +238,7 @@ class FakeHub:
         self.requests = []
         self.fail_create = None
         self.remote: list[str] = [".gitattributes"]  # the files the repo holds (any revision)
+        self.on_commit = None  # called when a commit arrives (e.g. to change a file mid-upload)
 
     def handle(self, request):
         import httpx2
@@ -265,6 +266,8 @@ class FakeHub:
                 return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
                                                              "shouldIgnore": False, "oid": None} for f in files]})
             if op == "commit":
+                if self.on_commit:
+                    self.on_commit()
                 oid = hashlib.sha1(body).hexdigest()
                 return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/{oid}",
                                                   "commitOid": oid, "pullRequestUrl": None})
@@ -404,6 +407,17 @@ def test_push_refuses_a_folder_that_fails_verify(out, hub):
     with pytest.raises(ManifestError, match="stray.txt"):
         push(out, "someone/tiny-hardened")
     assert _sent(hub) == []
+
+
+def test_push_fails_when_a_file_changes_during_the_upload(out, hub):
+    """The upload reads the files after the verify: a file changed meanwhile is named, with the commit."""
+    write_card(out, base_model="someone/tiny-base")
+    shard = next(out.glob("model-*.safetensors"))
+    hub.on_commit = lambda: _flip_byte(shard)
+    r = CliRunner().invoke(cli, ["push", str(out), "someone/tiny-hardened"])
+    assert r.exit_code == 2, r.output
+    assert "changed while it was being uploaded" in r.output and shard.name in r.output and "push again" in r.output
+    assert "/commit/" in r.output and r.output.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_push_hub_error_is_one_line_without_the_token(out, hub):

@@ -128,6 +128,12 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         if not _is_hub_error(e):
             raise
         raise _hub_error(e, step, token) from None
+    # the upload read the files after the verify above: verify again, so that what was
+    # committed is what was verified unless a file changed and changed back meanwhile
+    after = verify(folder)
+    if after:
+        raise ManifestError(f"{folder} changed while it was being uploaded ({after[0]}); the commit "
+                            f"{getattr(info, 'commit_url', None) or repo_id} may not match its {MANIFEST}: push again")
     repo_url = str(url).rstrip("/")
     return PushResult(repo_url=repo_url, revision=revision, commit_url=getattr(info, "commit_url", None),
                       commit_oid=getattr(info, "oid", None), commit_message=message, files=files)
