@@ -67,9 +67,23 @@ def redact_value(value: str) -> str:
     return _SECRET_VALUE.sub(REDACTED, value)
 
 
+def _redact_assignment(arg: str) -> str | None:
+    """``NAME=VALUE`` (a recipe's ``--var``, also as ``--var=NAME=VALUE``) with a
+    secret-looking NAME, redacted; None for anything else."""
+    head, body = "", arg
+    if arg.startswith("-") and "=" in arg:
+        head, body = arg.split("=", 1)
+        head += "="
+    name = body.split("=", 1)[0]
+    if "=" in body and name and not name.startswith("-") and is_secret_name(name):
+        return f"{head}{name}={REDACTED}"
+    return None
+
+
 def redact_argv(argv) -> list[str]:
     """A command line safe to store: the value of any secret-looking option
-    (``--token X``, ``--hf-token=X``) and any token-shaped string become ``<redacted>``."""
+    (``--token X``, ``--hf-token=X``) or assignment (``--var api_key=X``) and any
+    token-shaped string become ``<redacted>``."""
     out: list[str] = []
     hide_next = False
     for arg in map(str, argv):
@@ -83,7 +97,7 @@ def redact_argv(argv) -> list[str]:
                 out.append(arg)
                 hide_next = True
         else:
-            out.append(redact_value(arg))
+            out.append(_redact_assignment(arg) or redact_value(arg))
     return out
 
 

@@ -309,6 +309,11 @@ def test_redact_argv():
             f"path/{TOKEN}/x", "--author", "me"]
     assert redact_argv(argv) == ["surgery", "x", "--token", REDACTED, f"--hf-token={REDACTED}", "--max-new-tokens",
                                  "48", "--api-key", REDACTED, f"path/{REDACTED}/x", "--author", "me"]
+    # recipe variables: a secret-looking NAME hides its value, in both spellings; other NAME=VALUE stay
+    argv = ["surgery", "run", "r.yaml", "--var", "api_key=s3cret", "--var=hf_token=s3cret", "--var", "out=a=b",
+            "--var=tokenizer=x"]
+    assert redact_argv(argv) == ["surgery", "run", "r.yaml", "--var", f"api_key={REDACTED}", f"--var=hf_token={REDACTED}",
+                                 "--var", "out=a=b", "--var=tokenizer=x"]
 
 
 @pytest.fixture(scope="module")
