@@ -317,7 +317,7 @@ def verify(folder):
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
         sys.exit(1)
-    click.echo(f"OK {folder}: every file matches {MANIFEST} (its sha256 {sha256_file(Path(folder) / MANIFEST)})")
+    click.echo(f"OK {folder}: every file matches {MANIFEST} (its sha256 {sha256_file(Path(folder).expanduser() / MANIFEST)})")
 
 
 @main.command()

@@ -288,7 +288,7 @@ class Directions:
     def load(cls, path: str | Path) -> "Directions":
         from safetensors import safe_open
 
-        path = Path(path)
+        path = Path(path).expanduser()
         meta_path = Path(str(path) + ".json")
         if not path.is_file():
             raise DirectionError(f"direction file not found: {path}")

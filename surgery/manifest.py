@@ -120,7 +120,7 @@ def library_versions() -> dict:
 
 def hash_folder(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
     """sha256 of every file under ``folder`` (relative POSIX paths), sorted."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file():
@@ -169,14 +169,14 @@ def _write(folder: Path, manifest: dict) -> Path:
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
     """Hash every file of ``folder`` into ``manifest['outputs']`` and write it atomically."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     manifest = dict(manifest)
     manifest["outputs"] = hash_folder(folder)
     return _write(folder, manifest)
 
 
 def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
+    path = Path(folder).expanduser() / MANIFEST
     if not path.is_file():
         raise ManifestError(f"no manifest: {path} does not exist")
     try:
@@ -190,7 +190,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 def update_manifest(folder: str | Path, **fields) -> dict:
     """Add fields (e.g. ``evaluation``) without touching the output hashes."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     m = read_manifest(folder)
     m.update(fields)
     _write(folder, m)
@@ -199,7 +199,7 @@ def update_manifest(folder: str | Path, **fields) -> dict:
 
 def verify(folder: str | Path) -> list[str]:
     """Problems found (empty when the folder matches its manifest)."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     m = read_manifest(folder)
     expected: dict = m["outputs"]
     actual = hash_folder(folder)

@@ -345,3 +345,25 @@ def test_untying_a_multimodal_config_unties_its_text_config(tmp_path):
          run_eval=False, prompts=PromptConfig(n_train=8, n_val=4))
     out = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out["tie_word_embeddings"] is False and out["text_config"]["tie_word_embeddings"] is False
+
+
+def test_paths_written_with_a_tilde_mean_the_home_folder(tmp_path, tiny_chat, monkeypatch):
+    """Recipes have no shell and `--json=~/x` is not expanded by bash: every verb reads `~` as the home
+    folder (verify, card, --direction and single-file outputs used to take it literally)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    _direction_file(home, 32)
+    r = CliRunner().invoke(cli, ["rosi", str(tiny_chat), "-o", "~/out", "--alpha", "1", "--direction", "~/dir.safetensors",
+                                 "--no-eval"])
+    assert r.exit_code == 0, r.output
+    assert (home / "out" / "surgery.json").is_file() and not (tmp_path / "~").exists()
+    for args in (["verify", "~/out"], ["card", "~/out", "--base-model", "someone/base"], ["verify", "~/out"]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, (args, r.output)
+    assert (home / "out" / "README.md").is_file()
+    from surgery.checkpoint.files import write_text_atomic
+
+    write_text_atomic("~/report.json", "{}")
+    assert (home / "report.json").read_text() == "{}" and not (tmp_path / "~").exists()

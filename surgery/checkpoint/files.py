@@ -256,7 +256,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write ``path`` by calling ``write`` on a temporary sibling, then rename it
     into place (``os.replace``: atomic on one filesystem).  If ``write`` fails the
     temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
+    path = Path(path).expanduser()
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # check_file_targets allows a folder still to be made

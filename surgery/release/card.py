@@ -508,7 +508,7 @@ def _problem_file(problem: str) -> str:
 def write_card(folder: str | Path, base_model: str | None = None, license: str | None = None,
                say: Callable[[str], None] | None = None) -> CardResult:
     """Write ``folder/README.md`` from ``folder/surgery.json`` and list it in the manifest's outputs."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     m = read_manifest(folder)
     problems = [p for p in verify(folder) if _problem_file(p) != CARD]
     if problems:

@@ -80,7 +80,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     from huggingface_hub.utils import validate_repo_id
 
     say = say or (lambda msg: None)
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise SurgeryError(f"not a folder: {folder}")
     problems = verify(folder)  # raises ManifestError naming surgery.json when it is missing or malformed
