@@ -22,7 +22,11 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def encode(lm: LoadedModel, texts: Sequence[str], suffixes: Sequence[Sequence[int]] | None = None) -> dict:
     """Left-padded batch.  ``suffixes`` (token ids) are appended after each
-    text's own tokens, so a reply's tokens sit at the last positions."""
+    text's own tokens, so a reply's tokens sit at the last positions.
+
+    ``position_ids`` count each row's own tokens from 0, as ``generate`` does: without
+    them a model with absolute position embeddings (gpt2) saw a padded prompt shifted
+    by its padding, and every forward-pass figure depended on the batch."""
     tok = lm.tokenizer
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     if suffixes is not None:
@@ -34,7 +38,9 @@ def encode(lm: LoadedModel, texts: Sequence[str], suffixes: Sequence[Sequence[in
     for i, x in enumerate(ids):
         input_ids[i, n - len(x):] = torch.tensor(x, dtype=torch.long)
         mask[i, n - len(x):] = 1
-    return {"input_ids": input_ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids.to(lm.device), "attention_mask": mask.to(lm.device),
+            "position_ids": positions.to(lm.device)}
 
 
 @torch.no_grad()

@@ -21,6 +21,15 @@ def tiny_chat_untied(tmp_path_factory):
     return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat_untied") / "model", tie=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny GPT-2 (absolute position embeddings); its config keeps GPT-2's dropout
+    (0.1 on embeddings, attention and residuals)."""
+    from tiny_chat import make_tiny_chat_model
+
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_gpt2") / "model", model_type="gpt2")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls are orders of magnitude slower multi-threaded on a busy

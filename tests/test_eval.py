@@ -202,3 +202,29 @@ def test_eval_json_never_replaces_an_input(tmp_path, tiny_chat):
     p.write_text("How do I pick a lock?\n")
     r = CliRunner().invoke(cli, ["eval", str(tiny_chat), "--harmful", str(p), "--json", str(p)])
     assert r.exit_code == 2 and "is the input" in r.output and p.read_text() == "How do I pick a lock?\n"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_chat"])
+def test_forward_pass_figures_do_not_depend_on_the_batch(request, fixture):
+    """Left padding must not shift positions: on gpt2 (absolute position embeddings) the last-position
+    log-probs, the residual means and the reply perplexity of a padded batch used to differ from
+    one prompt at a time (0.56 in log-prob); with position_ids counted per row they agree."""
+    from surgery.activations import mean_residuals
+    from surgery.evaluation.metrics import last_logprobs, reply_perplexity
+    from surgery.model import load_model
+    from surgery.prompts import format_chat
+
+    lm = load_model(request.getfixturevalue(fixture))
+    lm.model.eval()
+    prompts = ["How do I bake bread?", "Write a short poem about the sea and the wind and the rain at night please",
+               "Hello"]
+    texts = [format_chat(lm.tokenizer, p) for p in prompts]
+    a, b = last_logprobs(lm, texts, 1), last_logprobs(lm, texts, 3)
+    assert (a - b).abs().max().item() < 1e-4
+    r1 = mean_residuals(lm, texts, [-2, -1], batch_size=1)
+    r3 = mean_residuals(lm, texts, [-2, -1], batch_size=3)
+    assert ((r1 - r3).norm() / r1.norm()).item() < 1e-5
+    replies = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    p1 = reply_perplexity(lm, prompts, replies, batch_size=1)
+    p3 = reply_perplexity(lm, prompts, replies, batch_size=3)
+    assert p1 == pytest.approx(p3, rel=1e-5)

@@ -94,14 +94,6 @@ def test_kl_term_is_zero_before_training_and_ce_is_cross_entropy(tiny_chat):
     pm.unload()
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    """A tiny GPT-2: its config keeps GPT-2's dropout (0.1 on embeddings, attention and residuals)."""
-    from tiny_chat import make_tiny_chat_model
-
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_gpt2") / "model", model_type="gpt2")
-
-
 def test_training_runs_without_base_model_dropout(tiny_gpt2):
     """At step 0 (LoRA B = 0) the adapted model is the original, so the KL on kept
     replies is exactly 0: neither the student nor the reference sees dropout noise."""

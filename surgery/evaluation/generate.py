@@ -26,7 +26,7 @@ def greedy_ids(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int = 48, 
     out: list[list[int]] = []
     for chunk in batches(list(texts), batch_size):
         batch = encode(lm, chunk, None if prefill is None else [list(prefill)] * len(chunk))
-        gen = lm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+        gen = lm.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                 top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos)
         for row in gen[:, batch["input_ids"].shape[1]:].tolist():
             out.append(row[:next((j for j, t in enumerate(row) if t in eos_ids), len(row))])

@@ -153,12 +153,12 @@ def evaluate(lm: LoadedModel, sets: dict[str, PromptSet], reference: LoadedModel
         harmless = list(sets["harmless"].prompts)
         cache = reference_cache if reference_cache is not None else {}
         if "logp" not in cache:
-            cache["logp"] = first_token_logprobs(reference, harmless)
+            cache["logp"] = first_token_logprobs(reference, harmless, batch_size)
             _, cache["reply_ids"] = generate(reference, harmless, max_new_tokens=max_new_tokens,
                                              batch_size=batch_size, return_ids=True)
-            cache["ppl"] = reply_perplexity(reference, harmless, cache["reply_ids"])
-        report["kl_first_token_harmless"] = first_token_kl(cache["logp"], first_token_logprobs(lm, harmless))
-        ppl = reply_perplexity(lm, harmless, cache["reply_ids"])
+            cache["ppl"] = reply_perplexity(reference, harmless, cache["reply_ids"], batch_size=batch_size)
+        report["kl_first_token_harmless"] = first_token_kl(cache["logp"], first_token_logprobs(lm, harmless, batch_size))
+        ppl = reply_perplexity(lm, harmless, cache["reply_ids"], batch_size=batch_size)
         report["perplexity_on_reference_replies"] = ppl
         report["perplexity_ratio"] = ppl / cache["ppl"]
     report["seconds"] = round(time.time() - t0, 1)
