@@ -92,11 +92,20 @@ def _writer_params(lm: LoadedModel):
 @contextlib.contextmanager
 def ablated(lm: LoadedModel, direction: torch.Tensor) -> Iterator[None]:
     """Directional ablation everywhere: every residual write (and the embedding
-    output, via a hook at layer 0) has its component along ``direction`` removed."""
+    output, via a hook at layer 0) has its component along ``direction`` removed.
+
+    A write that passes through a norm before the residual add (gemma2/3, olmo2:
+    ``WriterTensor.post_norm``) is ablated at that norm's output by a forward hook:
+    the norm's per-channel weights would put a component along ``direction`` back
+    into a weight-projected write."""
     r = (direction / direction.norm()).to(torch.float32).to(lm.device)
     params = dict(lm.model.named_parameters())
-    new = {}
+    modules = dict(lm.model.named_modules())
+    new, norms = {}, set()
     for w in _writer_params(lm):
+        if w.post_norm is not None:
+            norms.add(w.post_norm.rsplit(".", 1)[0])
+            continue
         p = params[w.name].data.float()
         if w.layout == "bias":
             new[w.name] = p - r * (r @ p)
@@ -104,7 +113,16 @@ def ablated(lm: LoadedModel, direction: torch.Tensor) -> Iterator[None]:
         m = w.as_out_in(p)  # (..., d, d_in)
         m = m - torch.einsum("d,...di->...i", r, m).unsqueeze(-2) * r.view(*([1] * (m.dim() - 2)), -1, 1)
         new[w.name] = w.from_out_in(m)
-    with patched_weights(lm.model, new), layer_input_hook(lm, 0, lambda h: h - (h @ r.to(h.dtype)).unsqueeze(-1) * r.to(h.dtype)):
+    def project(h: torch.Tensor) -> torch.Tensor:
+        rr = r.to(h.dtype)
+        return h - (h @ rr).unsqueeze(-1) * rr
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched_weights(lm.model, new))
+        stack.enter_context(layer_input_hook(lm, 0, project))
+        for name in sorted(norms):
+            handle = modules[name].register_forward_hook(lambda mod, args, out: project(out))
+            stack.callback(handle.remove)
         yield
 
 

@@ -67,6 +67,33 @@ def test_ablation_removes_direction_everywhere(lm):
         assert torch.equal(p, before[n]), n
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "olmo2", "llama"])
+def test_ablation_removes_direction_on_sandwich_norm_models(tmp_path, model_type):
+    """gemma2 / olmo2 normalise o_proj and down_proj outputs with per-channel weights before the
+    residual add: a weight projection alone left |h . r| / |h| at 0.13-0.17 after layer 0 once the
+    norm weights are not all equal (fresh inits hide it, so they are perturbed here)."""
+    from tiny_chat import make_tiny_chat_model
+
+    lm = load_model(make_tiny_chat_model(tmp_path / "m", model_type=model_type, layers=3))
+    torch.manual_seed(0)
+    for name, p in lm.model.named_parameters():
+        if "norm" in name:
+            p.data += 0.5 * torch.randn_like(p)
+    r = torch.randn(lm.hidden_size, dtype=torch.float64)
+    ids = lm.tokenizer(format_chat(lm.tokenizer, "How do I bake bread?"), add_special_tokens=False,
+                       return_tensors="pt")
+    rh = (r / r.norm()).float()
+    captured = []
+    hook = lm.model.model.norm.register_forward_hook(lambda m, a, o: captured.append(a[0]))  # the last layer's output
+    try:
+        with D.ablated(lm, r):
+            hs = lm.model(**ids, output_hidden_states=True).hidden_states
+    finally:
+        hook.remove()
+    for h in [*hs[1:lm.num_layers], captured[0]]:
+        assert ((h[0] @ rh).abs() / h[0].norm(dim=-1)).max() < 1e-5
+
+
 def test_response_candidates_and_selection(lm):
     harmful = list(builtin("harmful", "train").prompts[:6])
     cands = D.response_candidates(lm, harmful, k=3, batch_size=4)
