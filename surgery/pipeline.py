@@ -27,7 +27,7 @@ from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
 from .defaults import INJECT_DEFAULTS, OPENING_DEFAULTS, REFUSAL_TOLERANCE
 from .errors import PromptError, SurgeryError
 from .evaluation.metrics import evaluate, format_intervals, format_table, summary_row
-from .manifest import build_manifest, update_manifest, write_manifest
+from .manifest import build_manifest, write_manifest
 from .model import LoadedModel, load_model
 from .prompts import PromptSet, builtin_split, format_chat, load_prompts
 from . import tuning
@@ -146,7 +146,8 @@ def direction_record(path: Path, dirs: Directions) -> dict:
 def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, alpha: float,
                layers: Sequence[int] | None, include_embedding: bool, overwrite: bool = False,
                files: dict[str, bytes | Path] | None = None, manifest: dict | None = None,
-               max_shard_bytes: int = 5_000_000_000, say: Say | None = None) -> list[str]:
+               max_shard_bytes: int = 5_000_000_000, say: Say | None = None,
+               evaluate: Callable[[Path], dict] | None = None) -> list[str]:
     """Stream ``reader`` through ROSI into ``out`` (atomic); returns edited tensor names."""
     say = _say(say)
     config = reader.config
@@ -172,18 +173,21 @@ def write_rosi(reader: CheckpointReader, arch, out: Path, r_hat: torch.Tensor, a
         return None if w is None else rosi_update(w, tensor, r, alpha)
 
     return write_edited(reader, out, edit, overwrite=overwrite, extra=extra, config_updates=config_updates,
-                        files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
+                        files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say, evaluate=evaluate)
 
 
 def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool = False, extra=None,
                  config_updates: dict | None = None, files: dict[str, bytes | Path] | None = None,
                  manifest: dict | None = None, max_shard_bytes: int = 5_000_000_000, say: Say | None = None,
-                 extra_edited: Sequence[str] = ()) -> list[str]:
+                 extra_edited: Sequence[str] = (), evaluate: Callable[[Path], dict] | None = None) -> list[str]:
     """Stream ``reader`` through ``edit(name, tensor) -> tensor | None`` into ``out``
     (atomic), with the aux files, extra ``files`` and the manifest (written last,
     hashing every output file).  Every weight edit method writes through here.
     ``extra_edited``: names of ``extra`` tensors that carry an edit (e.g. an untied
-    lm_head with an adapter's update), counted and recorded with the edited ones."""
+    lm_head with an adapter's update), counted and recorded with the edited ones.
+    ``evaluate(folder) -> dict``: run on the complete temporary folder before it is
+    committed, recorded as the manifest's ``evaluation``: a run stopped during the
+    evaluation commits nothing (an earlier output it replaces is kept)."""
     say = _say(say)
     with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as wr:
         edited = stream_rewrite(reader, wr, edit, extra=extra or None) + list(extra_edited)
@@ -198,7 +202,15 @@ def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool =
         if manifest is not None:
             m = dict(manifest)
             m["edited"] = {"count": len(edited), "tensors": edited, "untied_lm_head": bool(config_updates)}
-            wr.finalizers.append(lambda tmp: write_manifest(tmp, m))
+
+            def finish(tmp: Path) -> None:
+                if evaluate is not None:
+                    m["evaluation"] = evaluate(tmp)
+                write_manifest(tmp, m)
+
+            wr.finalizers.append(finish)
+        elif evaluate is not None:
+            raise ValueError("write_edited: evaluate needs a manifest to record it in")
     say(f"wrote {out} ({len(edited)} tensors edited)")
     return edited
 
@@ -620,13 +632,13 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
             files = ({"direction.safetensors": dir_path, "direction.safetensors.json": Path(str(dir_path) + ".json")}
                      if dirs is not None else {})
             files.update(method.files(tmp_dir))
+            evaluation = committed_evaluation(lm, prompts, eval_tokens, device, say) if run_eval else None
             method.write(reader, arch, out, r_hat, alpha, overwrite=overwrite, files=files, manifest=manifest,
-                         max_shard_bytes=max_shard_bytes, say=say)
+                         max_shard_bytes=max_shard_bytes, say=say, evaluate=evaluation)
         result = HardenResult(out, alpha, manifest["direction"], points)
-        if run_eval:
-            patched = load_model(out, device=device)
-            result.evaluation = evaluate_models(lm, patched, prompts, eval_tokens, say)
-            update_manifest(out, evaluation=result.evaluation)
+        if evaluation is not None:
+            result.evaluation = evaluation.report
+            say(evaluation_text(result.evaluation))
         return result
 
 
@@ -697,7 +709,7 @@ def test_sets(prompts: PromptConfig, whole_user_files: bool = False) -> dict[str
 
 def evaluate_models(base: LoadedModel, patched: LoadedModel, prompts: PromptConfig | None = None,
                     max_new_tokens: int = 48, say: Say | None = None) -> dict:
-    """Before/after evaluation on the held-out test split."""
+    """Before/after evaluation on the held-out test split (:func:`evaluation_text` prints it)."""
     say = _say(say)
     prompts = prompts or PromptConfig()
     sets = test_sets(prompts)
@@ -706,8 +718,30 @@ def evaluate_models(base: LoadedModel, patched: LoadedModel, prompts: PromptConf
     before = evaluate(base, sets, reference=base, max_new_tokens=max_new_tokens, reference_cache=cache)
     after = evaluate(patched, sets, reference=base, max_new_tokens=max_new_tokens, reference_cache=cache)
     table = format_table({"original": summary_row(before), "patched": summary_row(after)})
-    say("\n" + table + "\n" + format_intervals({"original": before, "patched": after}))
     return {"before": before, "after": after, "table": table}
+
+
+def evaluation_text(evaluation: dict) -> str:
+    """The before/after table and its intervals, as the commands print them last."""
+    return "\n" + evaluation["table"] + "\n" + format_intervals({"original": evaluation["before"],
+                                                                 "patched": evaluation["after"]})
+
+
+class committed_evaluation:
+    """``write_edited``'s ``evaluate``: the before/after evaluation of the written
+    checkpoint, loaded from the temporary folder before it is committed; ``report``
+    holds the result for the caller."""
+
+    def __init__(self, base: LoadedModel | Callable[[], LoadedModel], prompts: PromptConfig | None,
+                 max_new_tokens: int, device: str | None, say: Say | None):
+        self.base, self.prompts, self.max_new_tokens, self.device, self.say = base, prompts, max_new_tokens, device, say
+        self.report: dict | None = None
+
+    def __call__(self, folder: Path) -> dict:
+        base = self.base if isinstance(self.base, LoadedModel) else self.base()
+        patched = load_model(folder, device=self.device)
+        self.report = evaluate_models(base, patched, self.prompts, self.max_new_tokens, self.say)
+        return self.report
 
 
 # ----------------------------------------------------------------------------- Safe-LoRA (methods.md §3)

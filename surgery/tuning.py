@@ -728,9 +728,9 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
     from .checkpoint import CheckpointWriter, sha256_file
     from .directions import Directions
     from .edits.rosi import unit
-    from .manifest import build_manifest, update_manifest
+    from .manifest import build_manifest
     from .model import load_model
-    from .pipeline import HardenResult, PromptConfig, _say, evaluate_models, input_info, open_model
+    from .pipeline import HardenResult, PromptConfig, _say, committed_evaluation, evaluation_text, input_info, open_model
 
     say = _say(say)
     tune_dir, out = Path(tune_dir), Path(out)
@@ -778,15 +778,15 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
             files = {"direction.safetensors": dir_path,
                      "direction.safetensors.json": Path(str(dir_path) + ".json"),
                      "tune.json": tune_dir / "tune.json", **g.files(Path(work))}
+            evaluation = (committed_evaluation(lambda: load_model(resolved.folder, device=device),
+                                               PromptConfig(**data["prompts"]), eval_tokens, device, say)
+                          if run_eval else None)
             g.write(reader, arch, out, r_hat, alpha, overwrite=overwrite, files=files, manifest=manifest,
-                    max_shard_bytes=max_shard_bytes, say=say)
+                    max_shard_bytes=max_shard_bytes, say=say, evaluate=evaluation)
     result = HardenResult(out, alpha, data["direction"], [])
-    if run_eval:
-        base = load_model(resolved.folder, device=device)
-        patched = load_model(out, device=device)
-        p = data["prompts"]
-        result.evaluation = evaluate_models(base, patched, PromptConfig(**p), eval_tokens, say)
-        update_manifest(out, evaluation=result.evaluation)
+    if evaluation is not None:
+        result.evaluation = evaluation.report
+        say(evaluation_text(result.evaluation))
     return result
 
 

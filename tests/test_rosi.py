@@ -367,3 +367,36 @@ def test_paths_written_with_a_tilde_mean_the_home_folder(tmp_path, tiny_chat, mo
 
     write_text_atomic("~/report.json", "{}")
     assert (home / "report.json").read_text() == "{}" and not (tmp_path / "~").exists()
+
+
+def test_a_run_stopped_during_the_evaluation_commits_nothing(tmp_path, tiny_chat, monkeypatch):
+    """The before/after evaluation runs on the written checkpoint before it is committed: a run
+    stopped there leaves no output (it used to leave one that verified, without its evaluation) and
+    an earlier output it was replacing with --overwrite stays; a finished run records and prints it."""
+    import surgery.pipeline as P
+
+    dfile = _direction_file(tmp_path, 32)
+    pc = PromptConfig(n_train=8, n_val=4, borderline=None)
+    out = tmp_path / "out"
+    seen = []
+
+    def stop(base, patched, *a, **k):
+        seen.append(patched)
+        raise KeyboardInterrupt
+
+    real = P.evaluate_models
+    monkeypatch.setattr(P, "evaluate_models", stop)
+    with pytest.raises(KeyboardInterrupt):
+        rosi(str(tiny_chat), out, alpha=1.0, direction_file=dfile, prompts=pc, eval_tokens=2)
+    assert seen and not out.exists() and not list(tmp_path.glob(".out*"))
+    monkeypatch.setattr(P, "evaluate_models", real)
+    said = []
+    res = rosi(str(tiny_chat), out, alpha=1.0, direction_file=dfile, prompts=pc, eval_tokens=2, say=said.append)
+    m = read_manifest(out)
+    assert m["evaluation"]["table"] == res.evaluation["table"] and verify(out) == []
+    assert said[-1].startswith("\n") and res.evaluation["table"] in said[-1]  # the table comes last
+    before = (out / "surgery.json").read_bytes()
+    monkeypatch.setattr(P, "evaluate_models", stop)
+    with pytest.raises(KeyboardInterrupt):
+        rosi(str(tiny_chat), out, alpha=2.0, direction_file=dfile, prompts=pc, eval_tokens=2, overwrite=True)
+    assert (out / "surgery.json").read_bytes() == before and verify(out) == []

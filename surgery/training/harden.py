@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from ..checkpoint import CheckpointWriter, sha256_file
 from ..errors import SurgeryError, check_count
-from ..manifest import build_manifest, update_manifest
+from ..manifest import build_manifest
 from ..model import LoadedModel, load_model
 from .data import RefusalData, build_refusal_data
 from .lora import LoraSpec, attach, select_targets, trainable_parameters
@@ -106,7 +106,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
                  say: Say | None = None, progress: bool = True, unit_mask: str | Path | None = None,
                  unit_classes: Sequence[str] = ("redundant",)) -> TrainedResult:
     from ..adapters.peft import load_adapter, merge_edit
-    from ..pipeline import PromptConfig, _say, evaluate_models, input_info, open_model, test_sets, write_edited
+    from ..pipeline import (PromptConfig, _say, committed_evaluation, evaluation_text, input_info, open_model, test_sets,
+                            write_edited)
     from ..prompts import format_chat
 
     say = _say(say)
@@ -176,13 +177,13 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
             manifest = build_manifest(input_info=input_info(resolved, reader), method=method.name,
                                       parameters=params, datasets=datasets, extra=method.manifest_extra())
             files = {**(_adapter_files(adapter_dir) if save_adapter else {}), **method.files(work)}
+            evaluation = committed_evaluation(lm, prompts, eval_tokens, device, say) if run_eval else None
             write_edited(reader, out, edit, overwrite=overwrite, extra=extra, config_updates=plan.config_updates,
-                         extra_edited=plan.new_edited,
-                         files=files, manifest=manifest, max_shard_bytes=max_shard_bytes, say=say)
+                         extra_edited=plan.new_edited, files=files, manifest=manifest,
+                         max_shard_bytes=max_shard_bytes, say=say, evaluate=evaluation)
         res = TrainedResult(out, method.name, spec.describe(), result.describe(), data.describe(), n_train,
                             method.manifest_extra())
-        if run_eval:
-            patched = load_model(out, device=device)
-            res.evaluation = evaluate_models(lm, patched, prompts, eval_tokens, say)
-            update_manifest(out, evaluation=res.evaluation)
+        if evaluation is not None:
+            res.evaluation = evaluation.report
+            say(evaluation_text(res.evaluation))
         return res
