@@ -67,6 +67,10 @@ class PromptConfig:
         (records carrying a ``split`` field are not needed)."""
         src = getattr(self, which)
         if src.startswith("builtin:"):
+            if builtin_split(src) is not None:  # "builtin:harmful:val[train]" would be malformed
+                raise PromptError(f"--{which} {src}: a built-in set that names its split is for `surgery eval`; here "
+                                  f"the {which} prompts' train/val/test splits are each used for their role: give "
+                                  f"builtin:{src.split(':')[1]}")
             return load_prompts(f"{src}[{split}]")
         ps = load_prompts(src, column=self.column)
         keep = [i for i, p in enumerate(ps.prompts) if hash_split(p) == split]
@@ -701,7 +705,8 @@ def test_sets(prompts: PromptConfig, whole_user_files: bool = False) -> dict[str
     for name in names:
         src = getattr(prompts, name)
         if whole_user_files and (not src.startswith("builtin:") or builtin_split(src) is not None):
-            sets[name] = load_prompts(src, column=prompts.column)
+            # --column is for user files: a built-in set has only its prompts (as for TXT files)
+            sets[name] = load_prompts(src, column=None if src.startswith("builtin:") else prompts.column)
         else:
             sets[name] = prompts.load(name, "test")
     return sets

@@ -143,6 +143,14 @@ def test_eval_sets_honour_a_named_builtin_split():
     assert sets["harmful"].prompts == builtin("harmful", "val").prompts
     assert sets["harmless"].prompts == builtin("harmless", "val").prompts
     assert test_sets(PromptConfig(borderline=None), whole_user_files=True)["harmful"].prompts == builtin("harmful", "test").prompts
+    # --column is for the user's files: a split-named built-in set beside a CSV is not refused for it
+    pc = PromptConfig(harmful="builtin:harmful:val", harmless="builtin:harmless:val", borderline=None, column="goal")
+    assert test_sets(pc, whole_user_files=True)["harmless"].prompts == builtin("harmless", "val").prompts
+    # a training command cannot use a split-named built-in set for its train/val/test roles: one clear line
+    from surgery.errors import PromptError
+
+    with pytest.raises(PromptError, match=r"^--harmful builtin:harmful:val: .* give builtin:harmful$"):
+        PromptConfig(harmful="builtin:harmful:val").train("harmful")
 
 
 @pytest.mark.parametrize("k,n", [(0, 40), (19, 40), (7, 40), (40, 40), (3, 200)])
