@@ -238,8 +238,8 @@ def _convert_one(key: Key, v: Any) -> tuple[bool, Any]:
     elif isinstance(t, click.Choice):
         ok = isinstance(v, (str, int, float)) and str(v) in [str(c) for c in t.choices]
         return ok, str(v)
-    elif isinstance(t, click.Path):
-        return isinstance(v, str), v
+    elif isinstance(t, click.Path):  # a folder named 2024 reaches YAML as a number, as for string keys
+        return isinstance(v, (str, int, float)), v if isinstance(v, str) else _render(v)
     else:
         return isinstance(v, (str, int, float)), v if isinstance(v, str) else _render(v)
     if ok and isinstance(t, click.types._NumberRangeBase):

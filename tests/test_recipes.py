@@ -158,6 +158,14 @@ def test_wrong_type_names_key_expected_type_and_line(line, expects, got):
     assert f"'{key}'" in msg and expects in msg and msg.endswith(f"got {got}")
 
 
+def test_a_number_given_for_a_path_is_that_folder_name():
+    """`--var out=2024` (or `out: 2024`) names a folder, as `surgery rosi -o 2024` does; it was refused."""
+    (s,) = parse_recipe(GOOD, "r.yaml", {"out": 2024}).steps
+    assert s.command_line() == ["surgery", "rosi", "some-model", "--out=2024", "--alpha=36"]
+    text = "surgery: 1\nsteps:\n  - verify: {folder: 2024}\n"
+    assert parse_recipe(text, "r.yaml").steps[0].command_line() == ["surgery", "verify", "2024"]
+
+
 def test_integer_and_choice_keys_of_other_verbs():
     text = "surgery: 1\nsteps:\n  - eval:\n      model: m\n      limit: 2.5\n"
     assert _err(text) == "r.yaml:5: step 1 (eval): 'limit' must be an integer (x>=1), got 2.5"
