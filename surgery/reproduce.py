@@ -19,7 +19,10 @@ that have ``--no-eval`` get it unless ``run_eval``.  Then every file listed in
 the manifest's ``outputs`` (``README.md`` excepted: the card is written by a later
 step) is hashed in DIR and in the rerun.  Identical means DIR's file, the
 manifest's hash and the rerun's file agree for every file and the rerun made no
-unlisted file.  For a differing ``.safetensors`` file the largest absolute
+unlisted file; a JSON or text artifact whose rerun differs only in fields that
+record where an input was read (:data:`NOT_COMPARED_FIELDS`: the direction
+sidecar's ``model.folder``, a PEFT adapter's ``base_model_name_or_path``, ...) is
+identical too, and those fields are named.  For a differing ``.safetensors`` file the largest absolute
 difference of every differing tensor is computed, one tensor pair in memory at a
 time (through the checkpoint module's validated header parser: artifacts such as
 ``direction.safetensors`` or an adapter are not checkpoint folders).  Bitwise
@@ -30,6 +33,7 @@ the input's weight files.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shlex
@@ -51,6 +55,21 @@ from .recipes import NOT_STEPS, RecipeError, _schema, build_argv, invoke, parse_
 
 NOT_COMPARED = (MANIFEST, "README.md")
 NEVER_RERUN = ("push",)
+# Fields of output files that record where an input was read, not what was made: provenance, which the
+# manifest's `input` records too.  A rerun reads its inputs from elsewhere (an earlier recipe step's output
+# in the work folder, a moved work folder, the `smollm2` alias resolved to another cache folder), so a file
+# that differs only there counts as identical and the fields are named; tune.json's `seconds` (how long the
+# search took) likewise.  Keys: output paths (fnmatch); values: JSON fields (dotted), or for text files the
+# prefixes of the lines that hold them.
+NOT_COMPARED_FIELDS: dict[str, tuple[str, ...]] = {
+    "direction.safetensors.json": ("model.folder",),             # the direction's sidecar
+    "tune.json": ("model.source", "model.input.folder", "model.input.source", "seconds"),
+    "adapter_config.json": ("base_model_name_or_path",),          # a PEFT adapter (safe-lora); PEFT loads it
+    "adapter/adapter_config.json": ("base_model_name_or_path",),  # the trained adapter (lora-sft, sails)
+    "adapter/README.md": ("base_model:", "- base_model:adapter:"),  # PEFT's card of it (front matter)
+    "sae/*/cfg.json": ("model_name",),                           # SAEs sails trained
+    "subspace/*.safetensors.json": ("sae",),                     # sails' subspaces: the --sae source
+}
 
 
 @dataclass
@@ -63,6 +82,7 @@ class FileCheck:
     max_abs_diff: float | None = None
     tensors: dict[str, float] = field(default_factory=dict)  # differing tensors -> max |a - b|
     problems: list[str] = field(default_factory=list)
+    not_compared: list[str] = field(default_factory=list)  # NOT_COMPARED_FIELDS that differ (the rest is identical)
 
 
 @dataclass
@@ -82,10 +102,15 @@ class ReproduceResult:
         lines = [f"reproduce: {self.how}"]
         same = [f.path for f in self.files if f.status == "identical"]
         bad = [f for f in self.files if f.status != "identical"]
-        if self.identical:
+        apart = [f for f in self.files if f.status == "identical" and f.not_compared]
+        if self.identical and not apart:
             lines.append(f"IDENTICAL: all {len(same)} output files match bit for bit")
+        elif self.identical:
+            lines.append(f"IDENTICAL: all {len(same)} output files match, {len(same) - len(apart)} bit for bit and "
+                         f"{len(apart)} apart from fields that record where an input was read (not compared)")
         else:
             lines.append(f"DIFFERENT: {len(bad)} of {len(self.files)} files differ ({len(same)} identical)")
+        lines += [f"  {f.path}: identical apart from {', '.join(f.not_compared)} (not compared)" for f in apart]
         for f in bad:
             lines.append(f"  {f.path}: {f.status}" + (f" ({'; '.join(f.problems)})" if f.problems else ""))
             if f.tensors:
@@ -338,6 +363,40 @@ def tensor_differences(a: Path, b: Path) -> tuple[dict[str, float], list[str]]:
     return diffs, problems
 
 
+_ABSENT = object()
+
+
+def _pop_field(obj, dotted: str):
+    *path, last = dotted.split(".")
+    for k in path:
+        obj = obj.get(k) if isinstance(obj, dict) else None
+    return obj.pop(last, _ABSENT) if isinstance(obj, dict) else _ABSENT
+
+
+def fields_apart(rel: str, a: Path, b: Path) -> list[str]:
+    """The NOT_COMPARED_FIELDS of output ``rel`` in which files ``a`` and ``b`` differ, when they are all
+    that differs (JSON compared as data, text line by line); else an empty list."""
+    fields = next((f for pat, f in NOT_COMPARED_FIELDS.items() if fnmatch.fnmatchcase(rel, pat)), ())
+    if not fields:
+        return []
+    try:
+        ta, tb = a.read_text(encoding="utf-8"), b.read_text(encoding="utf-8")
+        if rel.endswith(".json"):
+            ja, jb = json.loads(ta), json.loads(tb)
+            differ = [f for f in fields if _pop_field(ja, f) != _pop_field(jb, f)]
+            return differ if ja == jb else []
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+
+    def split(text):
+        lines = text.splitlines()
+        return ([x for x in lines if not x.startswith(fields)],
+                {f: [x for x in lines if x.startswith(f)] for f in fields})
+
+    (ra, fa), (rb, fb) = split(ta), split(tb)
+    return [f.strip("- :") for f in fields if fa[f] != fb[f]] if ra == rb else []
+
+
 def compare_outputs(folder: Path, manifest: dict, rerun: Path) -> list[FileCheck]:
     stored: dict = {k: v for k, v in manifest["outputs"].items() if k not in NOT_COMPARED}
     new = {k: v for k, v in hash_folder(rerun).items() if k not in NOT_COMPARED}
@@ -349,6 +408,8 @@ def compare_outputs(folder: Path, manifest: dict, rerun: Path) -> list[FileCheck
             c.status = "missing-here"
         elif c.rerun is None:
             c.status = "missing-in-rerun"
+        elif c.here == sha and c.rerun != sha and (apart := fields_apart(rel, p, rerun / rel)):
+            c.not_compared = apart
         elif not (c.here == c.rerun == sha):
             c.status = "differs"
             if c.here != sha:

@@ -465,3 +465,75 @@ def test_reproduce_of_a_copied_folder_uses_its_own_direction(tmp_path, tiny_chat
     shutil.copytree(out, copy)
     r = _run(["reproduce", copy])
     assert r.exit_code == 0 and "IDENTICAL" in r.output and "used the copy this folder ships" in r.output, r.output
+
+
+STACKED = """surgery: 1
+vars:
+  model: tiny
+  work: work
+  direction: dir.safetensors
+steps:
+  - rosi:
+      model: ${model}
+      out: ${work}/s1
+      direction: ${direction}
+      alpha: 2
+      no-eval: true
+  - rosi:
+      model: ${work}/s1
+      out: ${work}/s2
+      alpha: 3
+      no-eval: true
+"""
+
+
+def test_reproduce_of_a_step_reading_an_earlier_output_ignores_where_it_was_read(tmp_path, tiny_chat, direction):
+    """Step 2 computes its direction on step 1's output, so its sidecar records that folder
+    (model.folder), which the rerun reads from the work folder: reproduce said DIFFERENT."""
+    f = tmp_path / "stack.yaml"
+    f.write_text(STACKED)
+    work = tmp_path / "w"
+    r = _run(["run", f, *_vars({"model": tiny_chat, "work": work, "direction": direction})])
+    assert r.exit_code == 0, r.output
+    assert json.loads((work / "s2" / "direction.safetensors.json").read_text())["model"]["folder"] == str(work / "s1")
+    r = _run(["reproduce", work / "s2", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    apart = {f["path"]: f["not_compared"] for f in res["files"] if f["not_compared"]}
+    assert res["identical"] and apart == {"direction.safetensors.json": ["model.folder"]}
+    r = _run(["reproduce", work / "s2"])
+    assert r.exit_code == 0 and "1 apart from fields that record where an input was read" in r.output
+    assert "direction.safetensors.json: identical apart from model.folder (not compared)" in r.output
+
+
+def test_reproduce_compares_input_location_fields_apart(tmp_path):
+    """Where an input was read (adapter_config.json's base_model_name_or_path, PEFT's card, the
+    direction sidecar's model.folder) and tune.json's seconds are not compared; any other change is."""
+    from surgery.manifest import hash_folder
+    from surgery.reproduce import compare_outputs
+
+    def make(root, base, seconds=1.5, rank=8):
+        (root / "adapter").mkdir(parents=True)
+        (root / "adapter" / "adapter_config.json").write_text(json.dumps(
+            {"base_model_name_or_path": base, "peft_type": "LORA", "r": rank}, indent=2))
+        (root / "adapter" / "README.md").write_text(
+            f"---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- base_model:adapter:{base}\n- lora\n---\n\n# Card\n")
+        (root / "tune.json").write_text(json.dumps({"format": "surgery.tune/1", "seconds": seconds, "model": {
+            "source": base, "input": {"folder": base, "weight_files": {"model.safetensors": "ab"}}}}))
+        (root / "direction.safetensors.json").write_text(json.dumps({"model": {"folder": base, "num_layers": 4}}))
+        return root
+
+    here = make(tmp_path / "here", "/old/place/model")
+    m = {"outputs": hash_folder(here)}
+    checks = compare_outputs(here, m, make(tmp_path / "rerun", "/tmp/rerun/step1/model", seconds=2.5))
+    assert {c.path: (c.status, c.not_compared) for c in checks} == {
+        "adapter/adapter_config.json": ("identical", ["base_model_name_or_path"]),
+        "adapter/README.md": ("identical", ["base_model", "base_model:adapter"]),
+        "tune.json": ("identical", ["model.source", "model.input.folder", "seconds"]),
+        "direction.safetensors.json": ("identical", ["model.folder"])}
+    checks = compare_outputs(here, m, make(tmp_path / "other", "/elsewhere", rank=4))
+    assert {c.path: c.status for c in checks}["adapter/adapter_config.json"] == "differs"
+    # only DIR's own copy, as the manifest has it, is compared apart from those fields
+    (here / "tune.json").write_text((here / "tune.json").read_text().replace("1.5", "3.5"))
+    checks = compare_outputs(here, m, tmp_path / "rerun")
+    assert {c.path: c.status for c in checks}["tune.json"] == "differs"
