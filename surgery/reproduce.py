@@ -4,15 +4,20 @@ What is rerun comes from ``DIR/surgery.json`` (see :mod:`surgery.manifest`):
 
 * ``recipe`` (written by ``surgery run``): the recipe text is read again with the
   recorded ``--var`` overrides and checked against today's CLI.  Every output of
-  every step (its ``-o/--out`` and ``*_out`` options) is moved into a fresh work
-  folder (``step<N>/<name>``), and any value of a later step that names such an
-  output, or a path inside it, follows it there.  Only the step that wrote DIR
+  every step (each option :attr:`surgery.recipes.Key.is_output` names, given or
+  left at its default) is moved into a fresh work folder (``step<N>/<name>``), and
+  any value of a later step that names such an output, or a path inside it,
+  follows it there.  Only the step that wrote DIR
   and the steps it reads from (transitively, through those paths) run, in order;
   ``push`` never runs.  The rerun happens in the recorded working folder when it
   still exists, so relative input paths mean what they meant.
-* else ``invocation`` (any plain CLI run): the recorded argv with its
-  ``-o/--out`` value redirected; options redacted as secrets are dropped (a token
-  comes from the environment again).
+* else ``invocation`` (any plain CLI run): the recorded argv with every output
+  option redirected the same way (``<work>/<name>``); options redacted as secrets
+  are dropped (a token comes from the environment again).
+
+The rerun writes only inside its work folder.  The folder compared with DIR is the
+rerun of the output recorded at DIR's path, else the one output the rerun wrote a
+manifest in (DIR may be a copy; ``tune -o T --write W`` writes it in W only).
 
 Evaluations only write into ``surgery.json``, which is not compared, so steps
 that have ``--no-eval`` get it unless ``run_eval``.  Then every file listed in
@@ -157,20 +162,33 @@ def _under(path: str, root: str) -> str | None:
     return path[len(root) + 1:] if path.startswith(root + os.sep) else None
 
 
-def _redirect(recipe, base: Path, rundir: Path) -> tuple[dict[int, dict], dict[int, set[int]]]:
-    """Each step's values with its outputs moved under ``rundir/step<N>/`` and every value naming an
-    earlier step's output (or a path inside it) following it; and which earlier steps each step reads."""
+def _place(folder: Path, value: str, taken) -> str:
+    """Where the rerun writes an output recorded as ``value``: ``folder/<its name>``, distinct from ``taken``."""
+    name = Path(value).name
+    new = folder / (name if name not in ("", ".", "..") else "out")
+    while str(new) in taken:
+        new = new.with_name(new.name + "_")
+    return str(new)
+
+
+def _with_output_defaults(schema, values: dict) -> dict:
+    """``values`` plus every output option left at its default (``units -o``): the step writes there all the same."""
+    return {**{k.param.name: str(k.default) for k in schema.params if k.is_output and k.default is not None}, **values}
+
+
+def _redirect(recipe, base: Path, rundir: Path) -> tuple[dict[int, dict], dict[int, set[int]], dict[int, dict]]:
+    """Each step's values with all its outputs moved under ``rundir/step<N>/`` and every value naming an
+    earlier step's output (or a path inside it) following it; which earlier steps each step reads; and
+    each step's moves (``{recorded absolute path: rerun path}``)."""
+    given = {st.index: _with_output_defaults(st.schema, st.values) for st in recipe.steps}
     outs: dict[int, dict[str, str]] = {}  # step -> {original absolute path: rerun path}
     for st in recipe.steps:
         moved: dict[str, str] = {}
         for k in st.schema.params:
-            if k.is_output and k.param.name in st.values:
-                for v in (st.values[k.param.name] if k.multiple else [st.values[k.param.name]]):
+            if k.is_output and k.param.name in given[st.index]:
+                for v in (given[st.index][k.param.name] if k.multiple else [given[st.index][k.param.name]]):
                     if isinstance(v, str) and v != "-":
-                        new = rundir / f"step{st.index}" / (Path(v).name or "out")
-                        while str(new) in moved.values():
-                            new = new.with_name(new.name + "_")
-                        moved[_abs(base, v)] = str(new)
+                        moved[_abs(base, v)] = _place(rundir / f"step{st.index}", v, moved.values())
         outs[st.index] = moved
     values: dict[int, dict] = {}
     reads: dict[int, set[int]] = {}
@@ -191,11 +209,27 @@ def _redirect(recipe, base: Path, rundir: Path) -> tuple[dict[int, dict], dict[i
                         return os.path.join(new, rel) if rel else new
             return v
 
-        values[st.index] = {k.param.name: ([move(k, x) for x in st.values[k.param.name]] if k.multiple
-                                           else move(k, st.values[k.param.name]))
-                            for k in st.schema.params if k.param.name in st.values}
+        vals = given[st.index]
+        values[st.index] = {k.param.name: ([move(k, x) for x in vals[k.param.name]] if k.multiple
+                                           else move(k, vals[k.param.name]))
+                            for k in st.schema.params if k.param.name in vals}
         reads[st.index] = needs
-    return values, reads
+    return values, reads, outs
+
+
+def _compared(moved: dict[str, str], folder: Path, what: str) -> Path:
+    """Of the rerun's outputs (``{recorded path: rerun path}``), the folder to compare with ``folder``:
+    the output recorded at ``folder``'s own path, else the only one the rerun wrote a manifest in
+    (``tune -o T --write W``: W holds the manifest, T the search)."""
+    here = os.path.realpath(folder)
+    for orig, new in moved.items():
+        if os.path.realpath(orig) == here:
+            return Path(new)
+    made = [Path(new) for new in moved.values() if (Path(new) / MANIFEST).is_file()]
+    if len(made) == 1:
+        return made[0]
+    raise ManifestError(f"{what} wrote {'several' if made else 'no'} output folders with a {MANIFEST}"
+                        + (f" ({', '.join(map(str, made))})" if made else "") + f"; none recorded at {folder}")
 
 
 def _closure(reads: dict[int, set[int]], target: int) -> set[int]:
@@ -208,7 +242,7 @@ def _closure(reads: dict[int, set[int]], target: int) -> set[int]:
     return needed
 
 
-def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str]) -> tuple[Path, str]:
+def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str], folder: Path) -> tuple[Path, str]:
     overrides = rec.get("vars") or {}
     if any(v == REDACTED for v in overrides.values()):
         raise RecipeError("the recorded --var values include a redacted secret; the recipe cannot be rerun as recorded")
@@ -221,7 +255,7 @@ def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str]
         notes.append(f"step {t} now expands to `{shlex.join(target.command_line())}`, "
                      f"recorded as `{shlex.join(rec['command'])}` (the CLI changed?)")
     with _in_dir(rec.get("cwd"), notes) as base:
-        values, reads = _redirect(recipe, base, rundir)
+        values, reads, outs = _redirect(recipe, base, rundir)
         run = [s for s in recipe.steps if s.index in _closure(reads, t) and s.name not in NEVER_RERUN]
         how = f"reran step {t} ({target.name}) of {recipe.file}"
         if len(run) > 1:
@@ -236,10 +270,7 @@ def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str]
             if not run_eval and st.schema.key("no_eval") is not None:
                 vals["no_eval"] = True
             run_step(recipe, st, build_argv(st.schema, vals), say=say)
-    out = values[t].get("out")
-    if not isinstance(out, str):
-        raise RecipeError(f"step {t} ({target.name}) of {recipe.file} has no -o/--out folder to compare")
-    return Path(out), how
+    return _compared(outs[t], folder, f"step {t} ({target.name}) of {recipe.file}"), how
 
 
 def _shipped_direction(args: list[str], folder: Path | None, manifest: dict | None, notes: list[str]) -> list[str]:
@@ -262,8 +293,8 @@ def _shipped_direction(args: list[str], folder: Path | None, manifest: dict | No
     return out
 
 
-def _rerun_invocation(inv: dict, rundir: Path, run_eval: bool, say, notes: list[str], folder: Path | None = None,
-                      manifest: dict | None = None) -> tuple[Path, str]:
+def _rerun_invocation(inv: dict, rundir: Path, run_eval: bool, say, notes: list[str], folder: Path,
+                      manifest: dict) -> tuple[Path, str]:
     from .cli import main
 
     argv = [str(a) for a in (inv.get("argv") or [])][1:]
@@ -288,43 +319,55 @@ def _rerun_invocation(inv: dict, rundir: Path, run_eval: bool, say, notes: list[
         if not a.endswith("=" + REDACTED):
             clean.append(a)
     schema = _schema(tuple(path), cmd)
-    out_key = next((k for k in schema.params if k.is_output and k.param.name == "out"), None)
-    if out_key is None:
-        raise ManifestError(f"`surgery {' '.join(path)}` has no -o/--out to redirect")
-    new_out = str(rundir / "out")
-    opts = list(out_key.param.opts)
-    redirected, found, i = [], False, 0
-    while i < len(clean):
-        a = clean[i]
-        if a == "--":
-            redirected += clean[i:]
-            break
-        eq = next((o for o in opts if o.startswith("--") and a.startswith(o + "=")), None)
-        short = next((o for o in opts if not o.startswith("--") and a.startswith(o) and len(a) > len(o)
-                      and not a.startswith("--")), None)
-        if a in opts and i + 1 < len(clean):
-            redirected += [a, new_out]
-            i += 2
-            found = True
-            continue
-        if eq or short:
-            redirected.append(f"{eq}={new_out}" if eq else short + new_out)
-            found = True
-        else:
-            redirected.append(a)
-        i += 1
-    if not found:
-        raise ManifestError(f"no {'/'.join(opts)} value in the recorded command line {inv.get('argv')}")
-    if not run_eval and schema.key("no_eval") is not None and "--no-eval" not in redirected:
-        cut = redirected.index("--") if "--" in redirected else len(redirected)
-        redirected.insert(cut, "--no-eval")
-    line = ["surgery", *path, *redirected]
-    how = f"reran `{shlex.join(inv.get('argv') or [])}` with its output in {new_out}"
+    outputs = {o: k for k in schema.params if k.is_output for o in k.param.opts}
+    if not outputs:
+        raise ManifestError(f"`surgery {' '.join(path)}` writes no output to redirect")
+    line = ["surgery", *path]
+    how = f"reran `{shlex.join(inv.get('argv') or [])}` with its outputs in {rundir}"
     say(how)
-    with _in_dir(inv.get("cwd"), notes), provenance(invocation=invocation_record(line)):
-        redirected = _shipped_direction(redirected, folder, manifest, notes)
-        invoke(cmd, redirected, f"surgery {' '.join(path)}", lambda _: f"rerun of `{shlex.join(line)}`")
-    return Path(new_out), how
+    with _in_dir(inv.get("cwd"), notes) as base:
+        moved: dict[str, str] = {}  # recorded absolute path -> rerun path
+
+        def place(value: str) -> str:
+            if value == "-":
+                return value
+            return moved.setdefault(_abs(base, value), _place(rundir, value, moved.values()))
+
+        redirected, given, i = [], set(), 0
+        while i < len(clean):  # every output option, in each spelling: -o X, --out X, --out=X, -oX
+            a = clean[i]
+            if a == "--":
+                break
+            eq = next((o for o in outputs if o.startswith("--") and a.startswith(o + "=")), None)
+            short = next((o for o in outputs if not o.startswith("--") and a.startswith(o) and len(a) > len(o)
+                          and not a.startswith("--")), None)
+            if a in outputs and i + 1 < len(clean):
+                redirected += [a, place(clean[i + 1])]
+                given.add(outputs[a].param.name)
+                i += 2
+                continue
+            if eq or short:
+                opt = eq or short
+                redirected.append(f"{opt}={place(a[len(opt) + 1:])}" if eq else opt + place(a[len(opt):]))
+                given.add(outputs[opt].param.name)
+            else:
+                redirected.append(a)
+            i += 1
+        tail = clean[i:]
+        for k in schema.params:  # an output left at its default (units -o) is written there all the same
+            if k.is_output and k.default is not None and k.param.name not in given:
+                redirected.append(f"{max(k.param.opts, key=len)}={place(str(k.default))}")
+        if not moved:
+            raise ManifestError(f"no output option ({', '.join(outputs)}) in the recorded command line "
+                                f"{inv.get('argv')}")
+        if not run_eval and schema.key("no_eval") is not None and "--no-eval" not in redirected:
+            redirected.append("--no-eval")
+        redirected += tail
+        line += redirected
+        with provenance(invocation=invocation_record(line)):
+            redirected = _shipped_direction(redirected, folder, manifest, notes)
+            invoke(cmd, redirected, f"surgery {' '.join(path)}", lambda _: f"rerun of `{shlex.join(line)}`")
+    return _compared(moved, folder, f"`{shlex.join(line)}`"), how
 
 
 # -- comparing -----------------------------------------------------------------
@@ -470,7 +513,7 @@ def reproduce(folder: str | Path, *, work: str | Path | None = None, keep: bool 
     notes: list[str] = []
     try:
         if m.get("recipe"):
-            out, how = _rerun_recipe(m["recipe"], rundir, run_eval, say, notes)
+            out, how = _rerun_recipe(m["recipe"], rundir, run_eval, say, notes, folder.resolve())
         elif m.get("invocation"):
             out, how = _rerun_invocation(m["invocation"], rundir, run_eval, say, notes, folder.resolve(), m)
         else:

@@ -537,3 +537,68 @@ def test_reproduce_compares_input_location_fields_apart(tmp_path):
     (here / "tune.json").write_text((here / "tune.json").read_text().replace("1.5", "3.5"))
     checks = compare_outputs(here, m, tmp_path / "rerun")
     assert {c.path: c.status for c in checks}["tune.json"] == "differs"
+
+
+TUNE_ARGS = ["--alphas", "1", "--layer-ranges", "0-3", "--strengths", "3", "--confirm", "1", "--eval-tokens", "2",
+             "--pick", "0"]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_reproduce_of_tune_write_redirects_every_output_and_compares_the_written_folder(tmp_path, tiny_chat, direction):
+    """`tune -o T --write W`: the rerun moved only -o, so it wrote over W (or failed 'output folder
+    exists') and compared W with the rerun's search folder.  Now both go to the work folder, W and T
+    are left untouched, and W is compared with the rerun's W (tune.json apart from its seconds)."""
+    t, w = tmp_path / "T", tmp_path / "W"
+    r = _run(["tune", tiny_chat, "-o", t, "--write", w, "--direction", direction, *TUNE_ARGS])
+    assert r.exit_code == 0, r.output
+    before = _snapshot(w), _snapshot(t)
+    work = tmp_path / "work"
+    r = _run(["reproduce", w, "--work", work, "--keep", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["identical"] and {f["path"] for f in res["files"]} == set(read_manifest(w)["outputs"]) - {"README.md"}
+    assert [(f["path"], f["not_compared"]) for f in res["files"] if f["not_compared"]] in ([], [("tune.json", ["seconds"])])
+    assert (_snapshot(w), _snapshot(t)) == before
+    (run,) = list(work.iterdir())
+    assert sorted(p.name for p in run.iterdir()) == ["T", "W"] and (run / "T" / "tune.json").is_file()
+
+
+def test_reproduce_of_a_recipe_tune_step_compares_its_write_folder(tmp_path, tiny_chat, direction, monkeypatch):
+    f = tmp_path / "tune.yaml"
+    f.write_text("""surgery: 1
+vars: {model: tiny, direction: d.safetensors}
+steps:
+  - tune: {model: "${model}", out: T, write: W, direction: "${direction}", alphas: "1", layer-ranges: 0-3,
+           strengths: "3", confirm: 1, eval-tokens: 2, pick: 0}
+""")
+    monkeypatch.chdir(tmp_path)  # T and W relative to the recorded working folder
+    r = _run(["run", f, *_vars({"model": tiny_chat, "direction": direction})])
+    assert r.exit_code == 0, r.output
+    before = _snapshot(tmp_path / "W")
+    r = _run(["reproduce", "W"])
+    assert r.exit_code == 0 and "IDENTICAL" in r.output, r.output
+    assert _snapshot(tmp_path / "W") == before
+
+
+def test_reproduce_moves_every_output_of_a_recipe_step(tmp_path):
+    """--plot is an output (units, diff) and so is units' default -o: both go to the work folder, and
+    a later step reading the default map follows it there."""
+    from surgery.reproduce import _redirect
+
+    recipe = parse_recipe("""surgery: 1
+steps:
+  - units: {model: m, plot: p.png}
+  - protect: {aligned: m, finetuned: f, units: units.safetensors, out: o}
+  - diff: {a: m, b: o, plot: d.png, json: d.json}
+""")
+    values, reads, outs = _redirect(recipe, tmp_path, tmp_path / "run")
+    assert values[1] == {"model": "m", "out": str(tmp_path / "run/step1/units.safetensors"),
+                         "plot_out": str(tmp_path / "run/step1/p.png")}
+    assert values[2]["units_file"] == values[1]["out"] and reads[2] == {1}
+    assert values[3]["plot_out"] == str(tmp_path / "run/step3/d.png")
+    assert values[3]["json_out"] == str(tmp_path / "run/step3/d.json") and values[3]["b"] == values[2]["out"]
+    assert all(new.startswith(str(tmp_path / "run")) for moved in outs.values() for new in moved.values())
