@@ -23,8 +23,8 @@ Evaluations only write into ``surgery.json``, which is not compared, so steps
 that have ``--no-eval`` get it unless ``run_eval``.  Then every file listed in
 the manifest's ``outputs`` (``README.md`` excepted: the card is written by a later
 step) is hashed in DIR and in the rerun.  Identical means DIR's file, the
-manifest's hash and the rerun's file agree for every file and the rerun made no
-unlisted file; a JSON or text artifact whose rerun differs only in fields that
+manifest's hash and the rerun's file agree for every file and neither the rerun nor
+DIR holds a file the manifest does not list; a JSON or text artifact whose rerun differs only in fields that
 record where an input was read (:data:`NOT_COMPARED_FIELDS`: the direction
 sidecar's ``model.folder``, a PEFT adapter's ``base_model_name_or_path``, ...) is
 identical too, and those fields are named.  For a differing ``.safetensors`` file the largest absolute
@@ -80,7 +80,7 @@ NOT_COMPARED_FIELDS: dict[str, tuple[str, ...]] = {
 @dataclass
 class FileCheck:
     path: str
-    status: str                     # identical | differs | missing-here | missing-in-rerun | extra-in-rerun
+    status: str                     # identical | differs | missing-here | missing-in-rerun | extra-in-rerun | extra-here
     manifest: str | None = None     # sha256 in DIR/surgery.json
     here: str | None = None         # sha256 of DIR's file now
     rerun: str | None = None        # sha256 of the rerun's file
@@ -469,6 +469,8 @@ def compare_outputs(folder: Path, manifest: dict, rerun: Path) -> list[FileCheck
                     c.problems.append(f"cannot compare tensors: {e}")
         checks.append(c)
     checks += [FileCheck(rel, "extra-in-rerun", rerun=sha) for rel, sha in new.items() if rel not in stored]
+    checks += [FileCheck(rel, "extra-here", here=sha, problems=["not in surgery.json; the rerun did not make it"])
+               for rel, sha in hash_folder(folder).items() if rel not in manifest["outputs"] and rel not in new]
     return checks
 
 

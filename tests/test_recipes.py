@@ -602,3 +602,18 @@ steps:
     assert values[3]["plot_out"] == str(tmp_path / "run/step3/d.png")
     assert values[3]["json_out"] == str(tmp_path / "run/step3/d.json") and values[3]["b"] == values[2]["out"]
     assert all(new.startswith(str(tmp_path / "run")) for moved in outs.values() for new in moved.values())
+
+
+def test_reproduce_names_a_file_added_to_the_folder(hardened, tmp_path):
+    """A file in DIR that the manifest does not list and the rerun did not make: reproduce said
+    IDENTICAL while verify failed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(hardened, copy)
+    (copy / "added_tokens.json").write_text("{}")
+    assert verify(copy) == ["not in manifest: added_tokens.json"]
+    r = _run(["reproduce", copy, "--json"])
+    assert r.exit_code == 1, r.output
+    bad = [f for f in json.loads(r.stdout)["files"] if f["status"] != "identical"]
+    assert [(f["path"], f["status"]) for f in bad] == [("added_tokens.json", "extra-here")]
+    r = _run(["reproduce", copy])
+    assert r.exit_code == 1 and "added_tokens.json: extra-here (not in surgery.json; the rerun did not make it)" in r.output
