@@ -715,7 +715,8 @@ def run_cmd(recipe, variables, dry_run):
 @main.command("reproduce")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--work", type=click.Path(path_type=Path), default=None,
-              help="Folder to rerun in (default: a system temporary folder).")
+              help="Folder to rerun in (default: a system temporary folder); refused inside FOLDER or any path "
+                   "the recorded run named.")
 @click.option("--keep", is_flag=True, help="Keep the rerun's outputs (under --work, or the temporary folder).")
 @click.option("--eval", "run_eval", is_flag=True,
               help="Also rerun evaluations (they only write to surgery.json, which is not compared).")

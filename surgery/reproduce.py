@@ -44,6 +44,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -53,6 +54,7 @@ import torch
 
 from . import __version__
 from .checkpoint import read_safetensors_header, sha256_file
+from .checkpoint.files import check_folder_inputs
 from .errors import CheckpointError, ManifestError, SurgeryError
 from .manifest import (MANIFEST, REDACTED, hash_folder, invocation_record, library_versions, provenance, read_manifest,
                        redact_argv)
@@ -80,7 +82,7 @@ NOT_COMPARED_FIELDS: dict[str, tuple[str, ...]] = {
 @dataclass
 class FileCheck:
     path: str
-    status: str                     # identical | differs | missing-here | missing-in-rerun | extra-in-rerun | extra-here
+    status: str  # identical | differs | missing-here | missing-in-rerun | extra-in-rerun | extra-here
     manifest: str | None = None     # sha256 in DIR/surgery.json
     here: str | None = None         # sha256 of DIR's file now
     rerun: str | None = None        # sha256 of the rerun's file
@@ -242,11 +244,30 @@ def _closure(reads: dict[int, set[int]], target: int) -> set[int]:
     return needed
 
 
-def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str], folder: Path) -> tuple[Path, str]:
+def _read_recipe(rec: dict):
     overrides = rec.get("vars") or {}
     if any(v == REDACTED for v in overrides.values()):
         raise RecipeError("the recorded --var values include a redacted secret; the recipe cannot be rerun as recorded")
-    recipe = parse_recipe(rec.get("text") or "", rec.get("file") or "recipe.yaml", overrides)
+    return parse_recipe(rec.get("text") or "", rec.get("file") or "recipe.yaml", overrides)
+
+
+def _recorded_paths(m: dict) -> list[str]:
+    """The paths the recorded run named (every value of the recipe's steps, else every argument of the
+    command line; those that exist are its inputs and outputs), absolute against its working folder."""
+    if m.get("recipe"):
+        cwd = m["recipe"].get("cwd")
+        values = [v for st in _read_recipe(m["recipe"]).steps for x in st.values.values()
+                  for v in (x if isinstance(x, list) else [x])]
+    else:
+        cwd = m["invocation"].get("cwd")
+        argv = [str(a) for a in (m["invocation"].get("argv") or [])[1:]]
+        values = [a.split("=", 1)[-1] if a.startswith("--") else a for a in argv]
+    base = Path(cwd) if cwd and Path(cwd).is_dir() else Path.cwd()
+    return [_abs(base, v) for v in values if isinstance(v, str) and v and not v.startswith("-")]
+
+
+def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str], folder: Path) -> tuple[Path, str]:
+    recipe = _read_recipe(rec)
     t = rec.get("step")
     if not isinstance(t, int) or not 1 <= t <= len(recipe.steps):
         raise ManifestError(f"the manifest's recipe names step {t!r}, but the recipe has {len(recipe.steps)} steps")
@@ -509,17 +530,21 @@ def reproduce(folder: str | Path, *, work: str | Path | None = None, keep: bool 
     say = say or (lambda m: None)
     folder = Path(folder)
     m = read_manifest(folder)
-    if work is not None:
-        Path(work).mkdir(parents=True, exist_ok=True)
-    rundir = Path(tempfile.mkdtemp(prefix="surgery-reproduce-", dir=str(work) if work is not None else None)).resolve()
+    if not m.get("recipe") and not m.get("invocation"):
+        raise ManifestError(f"{folder / MANIFEST} records neither a recipe nor a command line: nothing to rerun")
+    rundir = Path(work or tempfile.gettempdir()) / f"surgery-reproduce-{uuid.uuid4().hex[:8]}"
+    try:  # never inside DIR, an input or another output of the run (their verify would fail)
+        check_folder_inputs(rundir, [folder, (m.get("input") or {}).get("folder"), *_recorded_paths(m)])
+    except CheckpointError as e:
+        raise SurgeryError(f"--work {work}: {e}" if work is not None else str(e)) from None
+    rundir.mkdir(parents=True)
+    rundir = rundir.resolve()
     notes: list[str] = []
     try:
         if m.get("recipe"):
             out, how = _rerun_recipe(m["recipe"], rundir, run_eval, say, notes, folder.resolve())
-        elif m.get("invocation"):
-            out, how = _rerun_invocation(m["invocation"], rundir, run_eval, say, notes, folder.resolve(), m)
         else:
-            raise ManifestError(f"{folder / MANIFEST} records neither a recipe nor a command line: nothing to rerun")
+            out, how = _rerun_invocation(m["invocation"], rundir, run_eval, say, notes, folder.resolve(), m)
         if not out.is_dir():
             raise SurgeryError(f"the rerun wrote no folder {out}")
         files = compare_outputs(folder, m, out)

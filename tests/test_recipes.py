@@ -561,7 +561,8 @@ def test_reproduce_of_tune_write_redirects_every_output_and_compares_the_written
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["identical"] and {f["path"] for f in res["files"]} == set(read_manifest(w)["outputs"]) - {"README.md"}
-    assert [(f["path"], f["not_compared"]) for f in res["files"] if f["not_compared"]] in ([], [("tune.json", ["seconds"])])
+    apart = [(f["path"], f["not_compared"]) for f in res["files"] if f["not_compared"]]
+    assert apart in ([], [("tune.json", ["seconds"])])
     assert (_snapshot(w), _snapshot(t)) == before
     (run,) = list(work.iterdir())
     assert sorted(p.name for p in run.iterdir()) == ["T", "W"] and (run / "T" / "tune.json").is_file()
@@ -616,4 +617,29 @@ def test_reproduce_names_a_file_added_to_the_folder(hardened, tmp_path):
     bad = [f for f in json.loads(r.stdout)["files"] if f["status"] != "identical"]
     assert [(f["path"], f["status"]) for f in bad] == [("added_tokens.json", "extra-here")]
     r = _run(["reproduce", copy])
-    assert r.exit_code == 1 and "added_tokens.json: extra-here (not in surgery.json; the rerun did not make it)" in r.output
+    assert r.exit_code == 1
+    assert "added_tokens.json: extra-here (not in surgery.json; the rerun did not make it)" in r.output
+
+
+def test_reproduce_refuses_a_work_folder_inside_the_folder_or_an_input(hardened, tiny_chat, tmp_path):
+    """`reproduce r1 --work r1/w --keep` wrote the rerun inside r1, whose verify then failed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(hardened, copy)
+    for work, culprit in ((copy / "w", copy), (copy, copy), (tiny_chat / "sub", tiny_chat)):
+        r = _run(["reproduce", copy, "--work", work, "--keep"])
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith(f"error: --work {work}: output folder {work}/surgery-reproduce-")
+        assert f"is inside the input {culprit}" in r.output and len(r.output.strip().splitlines()) == 1
+        assert not (copy / "w").exists() and not (tiny_chat / "sub").exists() and verify(copy) == []
+
+
+def test_reproduce_refuses_a_work_folder_inside_an_input_the_command_line_named(tmp_path, tiny_chat, inputs):
+    out = tmp_path / "merged"
+    r = _run(["merge-lora", tiny_chat, "--adapter", inputs["adapter"], "-o", out])
+    assert r.exit_code == 0, r.output
+    work = Path(inputs["adapter"]) / "w"
+    r = _run(["reproduce", out, "--work", work])
+    assert r.exit_code == 2 and f"is inside the input {inputs['adapter']}" in r.output, r.output
+    assert not work.exists()
+    r = _run(["reproduce", out, "--work", tmp_path / "w"])
+    assert r.exit_code == 0 and "IDENTICAL" in r.output, r.output
