@@ -7,27 +7,32 @@ What is rerun comes from ``DIR/surgery.json`` (see :mod:`surgery.manifest`):
   every step (each option :attr:`surgery.recipes.Key.is_output` names, given or
   left at its default) is moved into a fresh work folder (``step<N>/<name>``), and
   any value of a later step that names such an output, or a path inside it,
-  follows it there.  Only the step that wrote DIR
-  and the steps it reads from (transitively, through those paths) run, in order;
-  ``push`` never runs.  The rerun happens in the recorded working folder when it
-  still exists, so relative input paths mean what they meant.
+  follows it there.  Only the step that wrote DIR and the steps it reads from
+  (transitively, through those paths) run, in order; ``push`` never runs.  The
+  rerun happens in the recorded working folder when it still exists, so relative
+  input paths mean what they meant.
 * else ``invocation`` (any plain CLI run): the recorded argv with every output
   option redirected the same way (``<work>/<name>``); options redacted as secrets
   are dropped (a token comes from the environment again).
 
-The rerun writes only inside its work folder.  The folder compared with DIR is the
-rerun of the output recorded at DIR's path, else the one output the rerun wrote a
-manifest in (DIR may be a copy; ``tune -o T --write W`` writes it in W only).
+In both, a ``--direction`` file of the step that wrote DIR that is gone (a copied
+or downloaded folder) is replaced by DIR's own ``direction.safetensors`` when its
+sha256 is the recorded one.  The rerun writes only inside its work folder, which
+is refused inside DIR or any path the recorded run named.  The folder compared
+with DIR is the rerun of the output recorded at DIR's path, else the one output
+the rerun wrote a manifest in (DIR may be a copy; ``tune -o T --write W`` writes
+it in W only).
 
 Evaluations only write into ``surgery.json``, which is not compared, so steps
 that have ``--no-eval`` get it unless ``run_eval``.  Then every file listed in
 the manifest's ``outputs`` (``README.md`` excepted: the card is written by a later
 step) is hashed in DIR and in the rerun.  Identical means DIR's file, the
-manifest's hash and the rerun's file agree for every file and neither the rerun nor
-DIR holds a file the manifest does not list; a JSON or text artifact whose rerun differs only in fields that
-record where an input was read (:data:`NOT_COMPARED_FIELDS`: the direction
-sidecar's ``model.folder``, a PEFT adapter's ``base_model_name_or_path``, ...) is
-identical too, and those fields are named.  For a differing ``.safetensors`` file the largest absolute
+manifest's hash and the rerun's file agree for every file and neither the rerun
+nor DIR holds a file the manifest does not list; a JSON or text artifact whose
+rerun differs only in fields that record where an input was read
+(:data:`NOT_COMPARED_FIELDS`: the direction sidecar's ``model.folder``, a PEFT
+adapter's ``base_model_name_or_path``, ...) is identical too, and those fields
+are named.  For a differing ``.safetensors`` file the largest absolute
 difference of every differing tensor is computed, one tensor pair in memory at a
 time (through the checkpoint module's validated header parser: artifacts such as
 ``direction.safetensors`` or an adapter are not checkpoint folders).  Bitwise
@@ -266,7 +271,8 @@ def _recorded_paths(m: dict) -> list[str]:
     return [_abs(base, v) for v in values if isinstance(v, str) and v and not v.startswith("-")]
 
 
-def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str], folder: Path) -> tuple[Path, str]:
+def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str], folder: Path,
+                  manifest: dict) -> tuple[Path, str]:
     recipe = _read_recipe(rec)
     t = rec.get("step")
     if not isinstance(t, int) or not 1 <= t <= len(recipe.steps):
@@ -290,7 +296,10 @@ def _rerun_recipe(rec: dict, rundir: Path, run_eval: bool, say, notes: list[str]
             vals = values[st.index]
             if not run_eval and st.schema.key("no_eval") is not None:
                 vals["no_eval"] = True
-            run_step(recipe, st, build_argv(st.schema, vals), say=say)
+            argv = build_argv(st.schema, vals)
+            if st.index == t:  # the manifest records this step's direction
+                argv = _shipped_direction(argv, folder, manifest, notes)
+            run_step(recipe, st, argv, say=say)
     return _compared(outs[t], folder, f"step {t} ({target.name}) of {recipe.file}"), how
 
 
@@ -542,7 +551,7 @@ def reproduce(folder: str | Path, *, work: str | Path | None = None, keep: bool 
     notes: list[str] = []
     try:
         if m.get("recipe"):
-            out, how = _rerun_recipe(m["recipe"], rundir, run_eval, say, notes, folder.resolve())
+            out, how = _rerun_recipe(m["recipe"], rundir, run_eval, say, notes, folder.resolve(), m)
         else:
             out, how = _rerun_invocation(m["invocation"], rundir, run_eval, say, notes, folder.resolve(), m)
         if not out.is_dir():

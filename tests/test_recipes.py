@@ -643,3 +643,26 @@ def test_reproduce_refuses_a_work_folder_inside_an_input_the_command_line_named(
     assert not work.exists()
     r = _run(["reproduce", out, "--work", tmp_path / "w"])
     assert r.exit_code == 0 and "IDENTICAL" in r.output, r.output
+
+
+def test_reproduce_of_a_copied_recipe_output_uses_its_own_direction(tmp_path, tiny_chat, direction):
+    """As for command lines: a recipe step whose direction file is gone reruns with the
+    direction.safetensors the folder ships (same sha256); it failed 'direction file not found'."""
+    dfile = tmp_path / "d.safetensors"
+    shutil.copy(direction, dfile)
+    shutil.copy(f"{direction}.json", f"{dfile}.json")
+    f = tmp_path / "r.yaml"
+    f.write_text("""surgery: 1
+vars: {model: tiny, direction: d.safetensors, out: out}
+steps:
+  - rosi: {model: "${model}", out: "${out}", direction: "${direction}", alpha: 2, no-eval: true}
+""")
+    out = tmp_path / "out"
+    r = _run(["run", f, *_vars({"model": tiny_chat, "direction": dfile, "out": out})])
+    assert r.exit_code == 0, r.output
+    dfile.unlink()
+    Path(f"{dfile}.json").unlink()
+    copy = tmp_path / "downloaded"
+    shutil.copytree(out, copy)
+    r = _run(["reproduce", copy])
+    assert r.exit_code == 0 and "IDENTICAL" in r.output and "used the copy this folder ships" in r.output, r.output
