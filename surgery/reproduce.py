@@ -72,7 +72,8 @@ NEVER_RERUN = ("push",)
 # in the work folder, a moved work folder, the `smollm2` alias resolved to another cache folder), so a file
 # that differs only there counts as identical and the fields are named; tune.json's `seconds` (how long the
 # search took) likewise.  Keys: output paths (fnmatch); values: JSON fields (dotted), or for text files the
-# prefixes of the lines that hold them.
+# prefixes of the lines that hold them; for safetensors files, fields of the header metadata (JSON values
+# decoded), the tensors being byte-identical.
 NOT_COMPARED_FIELDS: dict[str, tuple[str, ...]] = {
     "direction.safetensors.json": ("model.folder",),             # the direction's sidecar
     "tune.json": ("model.source", "model.input.folder", "model.input.source", "seconds"),
@@ -81,6 +82,7 @@ NOT_COMPARED_FIELDS: dict[str, tuple[str, ...]] = {
     "adapter/README.md": ("base_model:", "- base_model:adapter:"),  # PEFT's card of it (front matter)
     "sae/*/cfg.json": ("model_name",),                           # SAEs sails trained
     "subspace/*.safetensors.json": ("sae",),                     # sails' subspaces: the --sae source
+    "units.safetensors": ("meta.model.folder", "meta.model.source"),  # protect's unit map (header metadata)
 }
 
 
@@ -446,19 +448,34 @@ def _pop_field(obj, dotted: str):
     return obj.pop(last, _ABSENT) if isinstance(obj, dict) else _ABSENT
 
 
+def _as_data(rel: str, path: Path):
+    """A JSON file, or a safetensors file's header metadata (values holding a JSON object decoded), as data."""
+    if not rel.endswith(".safetensors"):
+        return json.loads(path.read_text(encoding="utf-8"))
+    out = {}
+    for k, v in read_safetensors_header(path)[1].items():
+        try:
+            out[k] = json.loads(v) if v.lstrip().startswith("{") else v
+        except ValueError:
+            out[k] = v
+    return out
+
+
 def fields_apart(rel: str, a: Path, b: Path) -> list[str]:
     """The NOT_COMPARED_FIELDS of output ``rel`` in which files ``a`` and ``b`` differ, when they are all
-    that differs (JSON compared as data, text line by line); else an empty list."""
+    that differs (JSON and safetensors metadata compared as data, other text line by line); else []."""
     fields = next((f for pat, f in NOT_COMPARED_FIELDS.items() if fnmatch.fnmatchcase(rel, pat)), ())
     if not fields:
         return []
     try:
-        ta, tb = a.read_text(encoding="utf-8"), b.read_text(encoding="utf-8")
-        if rel.endswith(".json"):
-            ja, jb = json.loads(ta), json.loads(tb)
+        if rel.endswith((".json", ".safetensors")):
+            if rel.endswith(".safetensors") and tensor_differences(a, b) != ({}, []):
+                return []
+            ja, jb = _as_data(rel, a), _as_data(rel, b)
             differ = [f for f in fields if _pop_field(ja, f) != _pop_field(jb, f)]
             return differ if ja == jb else []
-    except (OSError, UnicodeDecodeError, ValueError):
+        ta, tb = a.read_text(encoding="utf-8"), b.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError, CheckpointError):
         return []
 
     def split(text):

@@ -508,7 +508,9 @@ def test_reproduce_of_a_step_reading_an_earlier_output_ignores_where_it_was_read
 
 def test_reproduce_compares_input_location_fields_apart(tmp_path):
     """Where an input was read (adapter_config.json's base_model_name_or_path, PEFT's card, the
-    direction sidecar's model.folder) and tune.json's seconds are not compared; any other change is."""
+    direction sidecar's model.folder, protect's unit map metadata) and tune.json's seconds are not
+    compared; any other change is."""
+    from surgery.checkpoint.files import save_tensors
     from surgery.manifest import hash_folder
     from surgery.reproduce import compare_outputs
 
@@ -521,6 +523,9 @@ def test_reproduce_compares_input_location_fields_apart(tmp_path):
         (root / "tune.json").write_text(json.dumps({"format": "surgery.tune/1", "seconds": seconds, "model": {
             "source": base, "input": {"folder": base, "weight_files": {"model.safetensors": "ab"}}}}))
         (root / "direction.safetensors.json").write_text(json.dumps({"model": {"folder": base, "num_layers": 4}}))
+        meta = {"format": "surgery.units/1", "meta": json.dumps({"model": {"folder": base, "source": base,
+                                                                           "weight_files": {"a": "1"}}})}
+        save_tensors({"x.class": torch.tensor([rank % 3], dtype=torch.uint8)}, root / "units.safetensors", meta)
         return root
 
     here = make(tmp_path / "here", "/old/place/model")
@@ -530,9 +535,11 @@ def test_reproduce_compares_input_location_fields_apart(tmp_path):
         "adapter/adapter_config.json": ("identical", ["base_model_name_or_path"]),
         "adapter/README.md": ("identical", ["base_model", "base_model:adapter"]),
         "tune.json": ("identical", ["model.source", "model.input.folder", "seconds"]),
-        "direction.safetensors.json": ("identical", ["model.folder"])}
+        "direction.safetensors.json": ("identical", ["model.folder"]),
+        "units.safetensors": ("identical", ["meta.model.folder", "meta.model.source"])}
     checks = compare_outputs(here, m, make(tmp_path / "other", "/elsewhere", rank=4))
-    assert {c.path: c.status for c in checks}["adapter/adapter_config.json"] == "differs"
+    status = {c.path: c.status for c in checks}
+    assert status["adapter/adapter_config.json"] == status["units.safetensors"] == "differs"
     # only DIR's own copy, as the manifest has it, is compared apart from those fields
     (here / "tune.json").write_text((here / "tune.json").read_text().replace("1.5", "3.5"))
     checks = compare_outputs(here, m, tmp_path / "rerun")
