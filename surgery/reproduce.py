@@ -121,7 +121,8 @@ class ReproduceResult:
             lines.append(f"IDENTICAL: all {len(same)} output files match bit for bit")
         elif self.identical:
             lines.append(f"IDENTICAL: all {len(same)} output files match, {len(same) - len(apart)} bit for bit and "
-                         f"{len(apart)} apart from fields that record where an input was read (not compared)")
+                         f"{len(apart)} apart from fields that record where an input was read or how long the run took "
+                         "(not compared)")
         else:
             lines.append(f"DIFFERENT: {len(bad)} of {len(self.files)} files differ ({len(same)} identical)")
         lines += [f"  {f.path}: identical apart from {', '.join(f.not_compared)} (not compared)" for f in apart]
