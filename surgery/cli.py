@@ -330,11 +330,12 @@ def verify(folder):
               help="Rank = singular values needed to reach this fraction of ||dW||_F^2.")
 @click.option("--rank-q", type=int, default=16, show_default=True, help="Singular values computed per tensor.")
 @click.option("--json", "json_out", default=None, help="Write every per-tensor record as JSON to FILE ('-': stdout).")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG heatmap (layers x modules).")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG heatmap (layers x modules).")
 @click.option("--revision-a", default=None, help="Hub revision of A.")
 @click.option("--revision-b", default=None, help="Hub revision of B.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
-def diff(a, b, direction, energy, rank_q, json_out, plot, revision_a, revision_b, allow_pickle):
+def diff(a, b, direction, energy, rank_q, json_out, plot_out, revision_a, revision_b, allow_pickle):
     """Show what changed between base A and patched B, tensor by tensor (streamed)."""
     from .diff import diff_checkpoints
 
@@ -342,13 +343,13 @@ def diff(a, b, direction, energy, rank_q, json_out, plot, revision_a, revision_b
 
     to_stdout = json_out == "-"
     say = (lambda m: click.echo(m, err=True)) if to_stdout else _say
-    targets = [(opt, p) for opt, p in (("--json", None if to_stdout else json_out), ("--plot", plot)) if p]
+    targets = [(opt, p) for opt, p in (("--json", None if to_stdout else json_out), ("--plot", plot_out)) if p]
     check_file_targets(targets, overwrite=True, inputs=[a, b, direction])  # before the comparison, not after
     report = diff_checkpoints(a, b, direction=direction, energy=energy, rank_q=rank_q, say=say,
                               revision_a=revision_a, revision_b=revision_b, allow_pickle=allow_pickle)
     say(report.summary())
-    if plot:
-        say(f"plot: {report.plot(plot)}")
+    if plot_out:
+        say(f"plot: {report.plot(plot_out)}")
     if to_stdout:
         click.echo(report.to_json())
     elif json_out:
@@ -644,19 +645,19 @@ def rule_options(f):
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("units.safetensors"), show_default=True,
               help="Unit map (safetensors); a JSON summary is written next to it.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG of the class shares per layer "
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG of the class shares per layer "
               "[default: OUT with .png].")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT, its .json summary and the plot.")
 @rule_options
 @model_options
-def units_cmd(model, out, plot, overwrite, top, below, redundant, positions, limit, max_new_tokens, batch_size,
+def units_cmd(model, out, plot_out, overwrite, top, below, redundant, positions, limit, max_new_tokens, batch_size,
               revision, allow_pickle, device):
     """SSAH units: attribute every MLP neuron and attention channel of MODEL on a safety and a utility set,
     classify them (safety-critical, utility-critical, complex, redundant) and save the map, its summary and a PNG.
     The three output paths are checked before any work (distinct; existing files only with --overwrite)."""
     from .units import Rules, units
 
-    units(model, out, plot=plot, positions=positions, limit=limit, max_new_tokens=max_new_tokens,
+    units(model, out, plot=plot_out, positions=positions, limit=limit, max_new_tokens=max_new_tokens,
           rules=Rules(top, below, redundant), batch_size=batch_size, revision=revision, allow_pickle=allow_pickle,
           device=device, overwrite=overwrite, say=_say)
 
@@ -714,7 +715,8 @@ def run_cmd(recipe, variables, dry_run):
 @main.command("reproduce")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--work", type=click.Path(path_type=Path), default=None,
-              help="Folder to rerun in (default: a system temporary folder).")
+              help="Folder to rerun in (default: a system temporary folder); refused inside FOLDER or any path "
+                   "the recorded run named.")
 @click.option("--keep", is_flag=True, help="Keep the rerun's outputs (under --work, or the temporary folder).")
 @click.option("--eval", "run_eval", is_flag=True,
               help="Also rerun evaluations (they only write to surgery.json, which is not compared).")

@@ -129,7 +129,9 @@ class Key:
 
     @property
     def is_output(self) -> bool:
-        """Where the step writes: ``-o/--out`` and ``*_out`` options (eval's ``--json``)."""
+        """Where the step writes: ``-o/--out`` and the options whose Python name ends in ``_out`` (eval's
+        and diff's ``--json``, ``--plot``, tune's ``--write``); a new output option must follow that naming,
+        or ``surgery reproduce`` would rerun it onto the user's path."""
         p = self.param
         return isinstance(p, click.Option) and (p.name == "out" or (p.name or "").endswith("_out")
                                                 or "-o" in p.opts or "--out" in p.opts)

@@ -478,3 +478,211 @@ def test_reproduce_of_a_copied_folder_uses_its_own_direction(tmp_path, tiny_chat
     shutil.copytree(out, copy)
     r = _run(["reproduce", copy])
     assert r.exit_code == 0 and "IDENTICAL" in r.output and "used the copy this folder ships" in r.output, r.output
+
+
+STACKED = """surgery: 1
+vars:
+  model: tiny
+  work: work
+  direction: dir.safetensors
+steps:
+  - rosi:
+      model: ${model}
+      out: ${work}/s1
+      direction: ${direction}
+      alpha: 2
+      no-eval: true
+  - rosi:
+      model: ${work}/s1
+      out: ${work}/s2
+      alpha: 3
+      no-eval: true
+"""
+
+
+def test_reproduce_of_a_step_reading_an_earlier_output_ignores_where_it_was_read(tmp_path, tiny_chat, direction):
+    """Step 2 computes its direction on step 1's output, so its sidecar records that folder
+    (model.folder), which the rerun reads from the work folder: reproduce said DIFFERENT."""
+    f = tmp_path / "stack.yaml"
+    f.write_text(STACKED)
+    work = tmp_path / "w"
+    r = _run(["run", f, *_vars({"model": tiny_chat, "work": work, "direction": direction})])
+    assert r.exit_code == 0, r.output
+    assert json.loads((work / "s2" / "direction.safetensors.json").read_text())["model"]["folder"] == str(work / "s1")
+    r = _run(["reproduce", work / "s2", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    apart = {f["path"]: f["not_compared"] for f in res["files"] if f["not_compared"]}
+    assert res["identical"] and apart == {"direction.safetensors.json": ["model.folder"]}
+    r = _run(["reproduce", work / "s2"])
+    assert r.exit_code == 0 and "1 apart from fields that record where an input was read" in r.output
+    assert "direction.safetensors.json: identical apart from model.folder (not compared)" in r.output
+
+
+def test_reproduce_compares_input_location_fields_apart(tmp_path):
+    """Where an input was read (adapter_config.json's base_model_name_or_path, PEFT's card, the
+    direction sidecar's model.folder, protect's unit map metadata) and tune.json's seconds are not
+    compared; any other change is."""
+    from surgery.checkpoint.files import save_tensors
+    from surgery.manifest import hash_folder
+    from surgery.reproduce import compare_outputs
+
+    def make(root, base, seconds=1.5, rank=8):
+        (root / "adapter").mkdir(parents=True)
+        (root / "adapter" / "adapter_config.json").write_text(json.dumps(
+            {"base_model_name_or_path": base, "peft_type": "LORA", "r": rank}, indent=2))
+        (root / "adapter" / "README.md").write_text(
+            f"---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- base_model:adapter:{base}\n- lora\n---\n\n# Card\n")
+        (root / "tune.json").write_text(json.dumps({"format": "surgery.tune/1", "seconds": seconds, "model": {
+            "source": base, "input": {"folder": base, "weight_files": {"model.safetensors": "ab"}}}}))
+        (root / "direction.safetensors.json").write_text(json.dumps({"model": {"folder": base, "num_layers": 4}}))
+        meta = {"format": "surgery.units/1", "meta": json.dumps({"model": {"folder": base, "source": base,
+                                                                           "weight_files": {"a": "1"}}})}
+        save_tensors({"x.class": torch.tensor([rank % 3], dtype=torch.uint8)}, root / "units.safetensors", meta)
+        return root
+
+    here = make(tmp_path / "here", "/old/place/model")
+    m = {"outputs": hash_folder(here)}
+    checks = compare_outputs(here, m, make(tmp_path / "rerun", "/tmp/rerun/step1/model", seconds=2.5))
+    assert {c.path: (c.status, c.not_compared) for c in checks} == {
+        "adapter/adapter_config.json": ("identical", ["base_model_name_or_path"]),
+        "adapter/README.md": ("identical", ["base_model", "base_model:adapter"]),
+        "tune.json": ("identical", ["model.source", "model.input.folder", "seconds"]),
+        "direction.safetensors.json": ("identical", ["model.folder"]),
+        "units.safetensors": ("identical", ["meta.model.folder", "meta.model.source"])}
+    checks = compare_outputs(here, m, make(tmp_path / "other", "/elsewhere", rank=4))
+    status = {c.path: c.status for c in checks}
+    assert status["adapter/adapter_config.json"] == status["units.safetensors"] == "differs"
+    # only DIR's own copy, as the manifest has it, is compared apart from those fields
+    (here / "tune.json").write_text((here / "tune.json").read_text().replace("1.5", "3.5"))
+    checks = compare_outputs(here, m, tmp_path / "rerun")
+    assert {c.path: c.status for c in checks}["tune.json"] == "differs"
+
+
+TUNE_ARGS = ["--alphas", "1", "--layer-ranges", "0-3", "--strengths", "3", "--confirm", "1", "--eval-tokens", "2",
+             "--pick", "0"]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_reproduce_of_tune_write_redirects_every_output_and_compares_the_written_folder(tmp_path, tiny_chat, direction):
+    """`tune -o T --write W`: the rerun moved only -o, so it wrote over W (or failed 'output folder
+    exists') and compared W with the rerun's search folder.  Now both go to the work folder, W and T
+    are left untouched, and W is compared with the rerun's W (tune.json apart from its seconds)."""
+    t, w = tmp_path / "T", tmp_path / "W"
+    r = _run(["tune", tiny_chat, "-o", t, "--write", w, "--direction", direction, *TUNE_ARGS])
+    assert r.exit_code == 0, r.output
+    before = _snapshot(w), _snapshot(t)
+    work = tmp_path / "work"
+    r = _run(["reproduce", w, "--work", work, "--keep", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["identical"] and {f["path"] for f in res["files"]} == set(read_manifest(w)["outputs"]) - {"README.md"}
+    apart = [(f["path"], f["not_compared"]) for f in res["files"] if f["not_compared"]]
+    assert apart in ([], [("tune.json", ["seconds"])])
+    assert (_snapshot(w), _snapshot(t)) == before
+    (run,) = list(work.iterdir())
+    assert sorted(p.name for p in run.iterdir()) == ["T", "W"] and (run / "T" / "tune.json").is_file()
+
+
+def test_reproduce_of_a_recipe_tune_step_compares_its_write_folder(tmp_path, tiny_chat, direction, monkeypatch):
+    f = tmp_path / "tune.yaml"
+    f.write_text("""surgery: 1
+vars: {model: tiny, direction: d.safetensors}
+steps:
+  - tune: {model: "${model}", out: T, write: W, direction: "${direction}", alphas: "1", layer-ranges: 0-3,
+           strengths: "3", confirm: 1, eval-tokens: 2, pick: 0}
+""")
+    monkeypatch.chdir(tmp_path)  # T and W relative to the recorded working folder
+    r = _run(["run", f, *_vars({"model": tiny_chat, "direction": direction})])
+    assert r.exit_code == 0, r.output
+    before = _snapshot(tmp_path / "W")
+    r = _run(["reproduce", "W"])
+    assert r.exit_code == 0 and "IDENTICAL" in r.output, r.output
+    assert _snapshot(tmp_path / "W") == before
+
+
+def test_reproduce_moves_every_output_of_a_recipe_step(tmp_path):
+    """--plot is an output (units, diff) and so is units' default -o: both go to the work folder, and
+    a later step reading the default map follows it there."""
+    from surgery.reproduce import _redirect
+
+    recipe = parse_recipe("""surgery: 1
+steps:
+  - units: {model: m, plot: p.png}
+  - protect: {aligned: m, finetuned: f, units: units.safetensors, out: o}
+  - diff: {a: m, b: o, plot: d.png, json: d.json}
+""")
+    values, reads, outs = _redirect(recipe, tmp_path, tmp_path / "run")
+    assert values[1] == {"model": "m", "out": str(tmp_path / "run/step1/units.safetensors"),
+                         "plot_out": str(tmp_path / "run/step1/p.png")}
+    assert values[2]["units_file"] == values[1]["out"] and reads[2] == {1}
+    assert values[3]["plot_out"] == str(tmp_path / "run/step3/d.png")
+    assert values[3]["json_out"] == str(tmp_path / "run/step3/d.json") and values[3]["b"] == values[2]["out"]
+    assert all(new.startswith(str(tmp_path / "run")) for moved in outs.values() for new in moved.values())
+
+
+def test_reproduce_names_a_file_added_to_the_folder(hardened, tmp_path):
+    """A file in DIR that the manifest does not list and the rerun did not make: reproduce said
+    IDENTICAL while verify failed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(hardened, copy)
+    (copy / "added_tokens.json").write_text("{}")
+    assert verify(copy) == ["not in manifest: added_tokens.json"]
+    r = _run(["reproduce", copy, "--json"])
+    assert r.exit_code == 1, r.output
+    bad = [f for f in json.loads(r.stdout)["files"] if f["status"] != "identical"]
+    assert [(f["path"], f["status"]) for f in bad] == [("added_tokens.json", "extra-here")]
+    r = _run(["reproduce", copy])
+    assert r.exit_code == 1
+    assert "added_tokens.json: extra-here (not in surgery.json; the rerun did not make it)" in r.output
+
+
+def test_reproduce_refuses_a_work_folder_inside_the_folder_or_an_input(hardened, tiny_chat, tmp_path):
+    """`reproduce r1 --work r1/w --keep` wrote the rerun inside r1, whose verify then failed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(hardened, copy)
+    for work, culprit in ((copy / "w", copy), (copy, copy), (tiny_chat / "sub", tiny_chat)):
+        r = _run(["reproduce", copy, "--work", work, "--keep"])
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith(f"error: --work {work}: output folder {work}/surgery-reproduce-")
+        assert f"is inside the input {culprit}" in r.output and len(r.output.strip().splitlines()) == 1
+        assert not (copy / "w").exists() and not (tiny_chat / "sub").exists() and verify(copy) == []
+
+
+def test_reproduce_refuses_a_work_folder_inside_an_input_the_command_line_named(tmp_path, tiny_chat, inputs):
+    out = tmp_path / "merged"
+    r = _run(["merge-lora", tiny_chat, "--adapter", inputs["adapter"], "-o", out])
+    assert r.exit_code == 0, r.output
+    work = Path(inputs["adapter"]) / "w"
+    r = _run(["reproduce", out, "--work", work])
+    assert r.exit_code == 2 and f"is inside the input {inputs['adapter']}" in r.output, r.output
+    assert not work.exists()
+    r = _run(["reproduce", out, "--work", tmp_path / "w"])
+    assert r.exit_code == 0 and "IDENTICAL" in r.output, r.output
+
+
+def test_reproduce_of_a_copied_recipe_output_uses_its_own_direction(tmp_path, tiny_chat, direction):
+    """As for command lines: a recipe step whose direction file is gone reruns with the
+    direction.safetensors the folder ships (same sha256); it failed 'direction file not found'."""
+    dfile = tmp_path / "d.safetensors"
+    shutil.copy(direction, dfile)
+    shutil.copy(f"{direction}.json", f"{dfile}.json")
+    f = tmp_path / "r.yaml"
+    f.write_text("""surgery: 1
+vars: {model: tiny, direction: d.safetensors, out: out}
+steps:
+  - rosi: {model: "${model}", out: "${out}", direction: "${direction}", alpha: 2, no-eval: true}
+""")
+    out = tmp_path / "out"
+    r = _run(["run", f, *_vars({"model": tiny_chat, "direction": dfile, "out": out})])
+    assert r.exit_code == 0, r.output
+    dfile.unlink()
+    Path(f"{dfile}.json").unlink()
+    copy = tmp_path / "downloaded"
+    shutil.copytree(out, copy)
+    r = _run(["reproduce", copy])
+    assert r.exit_code == 0 and "IDENTICAL" in r.output and "used the copy this folder ships" in r.output, r.output
