@@ -555,11 +555,11 @@ def reproduce(folder: str | Path, *, work: str | Path | None = None, keep: bool 
               say: Callable[[str], None] | None = None) -> ReproduceResult:
     """Rerun what made ``folder`` (see the module docstring) and compare its outputs."""
     say = say or (lambda m: None)
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     m = read_manifest(folder)
     if not m.get("recipe") and not m.get("invocation"):
         raise ManifestError(f"{folder / MANIFEST} records neither a recipe nor a command line: nothing to rerun")
-    rundir = Path(work or tempfile.gettempdir()) / f"surgery-reproduce-{uuid.uuid4().hex[:8]}"
+    rundir = Path(work or tempfile.gettempdir()).expanduser() / f"surgery-reproduce-{uuid.uuid4().hex[:8]}"
     try:  # never inside DIR, an input or another output of the run (their verify would fail)
         check_folder_inputs(rundir, [folder, (m.get("input") or {}).get("folder"), *_recorded_paths(m)])
     except CheckpointError as e:
