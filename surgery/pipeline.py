@@ -539,7 +539,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     say = _say(say)
     out = Path(out)
     prompts = prompts or PromptConfig()
-    CheckpointWriter.check_target(out, overwrite, [source, direction_file, *prompts.sources()])
+    CheckpointWriter.check_target(out, overwrite, [source, direction_file, *prompts.sources()],
+                                  max_shard_bytes=max_shard_bytes)
     if alpha is not None and alphas is not None:
         raise SurgeryError("give --alpha (a fixed strength) or --alphas (strengths to sweep), not both")
     alphas = method.default_alphas if alphas is None else alphas
@@ -793,7 +794,8 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
     if direction_span not in ("best", "all"):
         raise SurgeryError(f"direction span must be 'best' or 'all', got {direction_span!r}")
     threshold = None if top_k is not None else (sl.DEFAULT_THRESHOLD if threshold is None else float(threshold))
-    CheckpointWriter.check_target(out, overwrite, [aligned, base, directions, adapter, finetuned])
+    CheckpointWriter.check_target(out, overwrite, [aligned, base, directions, adapter, finetuned],
+                                  max_shard_bytes=max_shard_bytes)
 
     with contextlib.ExitStack() as stack:
         res_al, r_al, arch = open_model(aligned, revision, allow_pickle, say)

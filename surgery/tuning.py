@@ -736,7 +736,8 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
     tune_dir, out = Path(tune_dir), Path(out)
     data = read_tune(tune_dir)
     point, choice = choose_point(data, pick, rule)
-    CheckpointWriter.check_target(out, overwrite, [tune_dir, model or (data.get("model") or {}).get("source")])
+    CheckpointWriter.check_target(out, overwrite, [tune_dir, model or (data.get("model") or {}).get("source")],
+                                  max_shard_bytes=max_shard_bytes)
     params = point["params"]
     fit_rec = data["fits"].get(point["fit_id"])
     if fit_rec is None:

@@ -814,3 +814,23 @@ def test_input_protection_reads_inputs_as_users_write_them(tmp_path, monkeypatch
         check_file_targets([("-o", "~/m/x.safetensors")], inputs=["~/m"])
     with pytest.raises(CheckpointError, match=r"is the input .*p\.jsonl\[val\]"):
         check_file_targets([("--json", tmp_path / "p.jsonl")], overwrite=True, inputs=[f"{tmp_path}/p.jsonl[val]"])
+
+
+# -- targets that cannot work are refused before any work -------------------------
+def test_impossible_output_targets_are_refused_up_front(tmp_path):
+    """An output folder under a file, or a shard budget under one byte, failed only
+    at the write (after the directions and the sweep); check_target refuses them."""
+    (tmp_path / "afile").write_text("x")
+    for target in (tmp_path / "afile" / "out", tmp_path / "afile" / "deeper" / "out"):
+        with pytest.raises(CheckpointError, match=f"cannot write in {tmp_path / 'afile'}$") as ei:
+            CheckpointWriter.check_target(target)
+        assert "\n" not in str(ei.value)
+        with pytest.raises(CheckpointError, match="cannot write in"):
+            CheckpointWriter(target)
+    for budget in (0, 0.5, -3):
+        with pytest.raises(CheckpointError, match="at least one byte"):
+            CheckpointWriter.check_target(tmp_path / "out", max_shard_bytes=budget)
+        with pytest.raises(CheckpointError, match="at least one byte"):
+            CheckpointWriter(tmp_path / "out", max_shard_bytes=budget)
+    CheckpointWriter.check_target(tmp_path / "new" / "deeper" / "out", max_shard_bytes=1)  # folders still to make: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -367,3 +367,24 @@ def test_paths_written_with_a_tilde_mean_the_home_folder(tmp_path, tiny_chat, mo
 
     write_text_atomic("~/report.json", "{}")
     assert (home / "report.json").read_text() == "{}" and not (tmp_path / "~").exists()
+
+
+def test_impossible_targets_fail_before_the_model_loads(tmp_path, tiny_chat, monkeypatch):
+    """-o under a file and a shard budget under one byte failed only at the write,
+    after the directions and the sweep."""
+    import surgery.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    pc = PromptConfig(n_train=8, n_val=4)
+    dfile = _direction_file(tmp_path, 32)
+    (tmp_path / "afile").write_text("x")
+    _assert_clean_failure(tmp_path, tiny_chat, lambda: rosi(str(tiny_chat), tmp_path / "afile" / "out", alpha=1.0,
+                                                            direction_file=dfile, run_eval=False, prompts=pc),
+                          "cannot write in .*afile")
+    _assert_clean_failure(tmp_path, tiny_chat, lambda: rosi(str(tiny_chat), tmp_path / "out", alpha=1.0,
+                                                            direction_file=dfile, run_eval=False, prompts=pc,
+                                                            max_shard_bytes=0), "at least one byte")
+    r = CliRunner().invoke(cli, ["rosi", str(tiny_chat), "-o", str(tmp_path / "out"), "--alpha", "1",
+                                 "--max-shard-size", "1e-12"])
+    assert r.exit_code == 2 and "--max-shard-size" in r.output
+    assert sorted(os.listdir(tmp_path)) == ["afile", "dir.safetensors", "dir.safetensors.json"]

@@ -99,9 +99,7 @@ class CheckpointWriter:
         fsync: bool = True,
     ):
         self.out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
-        self.check_target(self.out_dir, overwrite)
-        if int(max_shard_bytes) <= 0:
-            raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.check_target(self.out_dir, overwrite, max_shard_bytes=max_shard_bytes)
         self.max_shard_bytes = int(max_shard_bytes)
         self.overwrite = overwrite
         self.fsync = fsync
@@ -124,15 +122,20 @@ class CheckpointWriter:
 
     # -- target checks ---------------------------------------------------------
     @staticmethod
-    def check_target(out_dir, overwrite: bool = False, inputs: Iterable = ()) -> None:
+    def check_target(out_dir, overwrite: bool = False, inputs: Iterable = (),
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
         """Raise CheckpointError now if writing to ``out_dir`` is bound to fail, or
         would change an input: ``inputs`` (paths or other sources; those that are
         not local paths are skipped) must not be ``out_dir`` or lie inside it, since
         replacing it with ``overwrite`` would delete them, and ``out_dir`` must not
-        lie inside an input folder."""
-        from .files import check_folder_inputs
+        lie inside an input folder; its parent must be a folder that can be
+        created and written; ``max_shard_bytes`` must be at least one byte."""
+        from .files import check_folder_inputs, check_parent
 
-        out = Path(out_dir)
+        out = Path(out_dir).expanduser()
+        if int(max_shard_bytes) <= 0:
+            raise CheckpointError(f"output folder {out_dir}: the shard size must be at least one byte, got "
+                                  f"{max_shard_bytes!r} bytes")
         check_folder_inputs(out, inputs, overwrite)
         if out.exists() or out.is_symlink():
             if not overwrite:
@@ -143,6 +146,7 @@ class CheckpointWriter:
                 raise CheckpointError(f"output folder {out} is not an earlier surgery output (it has no "
                                       f"{' or '.join(OUTPUT_MARKERS)}): --overwrite replaces only those; "
                                       "empty it yourself or write to another folder")
+        check_parent("output folder", out)
 
     # -- lifetime --------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":

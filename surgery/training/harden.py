@@ -112,7 +112,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
     say = _say(say)
     out = Path(out)
     prompts = prompts or PromptConfig()
-    CheckpointWriter.check_target(out, overwrite, [source, unit_mask, *prompts.sources()])
+    CheckpointWriter.check_target(out, overwrite, [source, unit_mask, *prompts.sources()],
+                                  max_shard_bytes=max_shard_bytes)
     config = config or TrainConfig()
     config.check()
     check_count(reply_tokens, "reply_tokens (--reply-tokens)")

@@ -152,7 +152,8 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
     say = _say(say)
     out = Path(out)
     classes = tuple(classes) if classes else ("safety-critical",) + (("complex",) if include_complex else ())
-    CheckpointWriter.check_target(out, overwrite, [aligned, finetuned, units if not isinstance(units, UnitMap) else None])
+    CheckpointWriter.check_target(out, overwrite, [aligned, finetuned, units if not isinstance(units, UnitMap) else None],
+                                  max_shard_bytes=max_shard_bytes)
     if units is not None:
         settings = dict(zip(MEASURE_OPTIONS, (positions, limit, max_new_tokens, batch_size)))
         given = [o for o, v in settings.items() if v is not None]
