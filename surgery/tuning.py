@@ -524,19 +524,13 @@ class _AtomicFolder:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.out.exists():
-            from .checkpoint import CheckpointWriter
+        from .checkpoint.writer import move_into_place
 
-            CheckpointWriter.check_target(self.out, self.overwrite)
-            old = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}")
-            self.out.rename(old)
-        self.tmp.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            if exc_type is None:
+                move_into_place(self.tmp, self.out, self.overwrite)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # gone already once moved
         return False
 
 

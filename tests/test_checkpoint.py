@@ -834,3 +834,40 @@ def test_impossible_output_targets_are_refused_up_front(tmp_path):
             CheckpointWriter(tmp_path / "out", max_shard_bytes=budget)
     CheckpointWriter.check_target(tmp_path / "new" / "deeper" / "out", max_shard_bytes=1)  # folders still to make: fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("when", ["between the moves", "after the first move"])
+def test_interrupted_overwrite_puts_the_old_output_back(tmp_path, monkeypatch, when):
+    """Ctrl-C or SIGTERM (SystemExit) between moving the old output aside and moving
+    the new one in left no output folder, the old one only as a hidden .out.old-*."""
+    from surgery import tuning
+
+    make_synthetic(tmp_path / "src")
+    real_rename = os.rename
+    for make in ("writer", "tune folder"):
+        out = tmp_path / f"out-{make.replace(' ', '-')}"
+        out.mkdir()
+        (out / "surgery.json").write_text("old")
+        (out / "tune.json").write_text("old")
+        calls = []
+
+        def rename(a, b):
+            calls.append((a, b))
+            if len(calls) == 1 and when == "after the first move":
+                real_rename(a, b)
+                raise KeyboardInterrupt
+            if len(calls) == 2 and when == "between the moves":
+                raise SystemExit(143)  # the CLI's SIGTERM
+            real_rename(a, b)
+
+        monkeypatch.setattr(os, "rename", rename)
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            if make == "writer":
+                rewrite(tmp_path / "src", out, overwrite=True)
+            else:
+                with tuning._AtomicFolder(out, overwrite=True) as tmp:
+                    (tmp / "tune.json").write_text("new")
+        monkeypatch.setattr(os, "rename", real_rename)
+        assert sorted(p.name for p in out.iterdir()) == ["surgery.json", "tune.json"]
+        assert (out / "surgery.json").read_text() == "old" and (out / "tune.json").read_text() == "old"
+        assert leftovers(tmp_path, out.name) == []

@@ -19,7 +19,8 @@ Design
   filesystem).  On clean exit the writer checks every planned tensor was written,
   fsyncs, writes ``model.safetensors.index.json`` (always, even for one shard) and
   renames the temp folder to ``out_dir``; with ``overwrite=True`` the old folder
-  is renamed aside first and deleted only after the new one is in place.  On any
+  is renamed aside first and deleted only after the new one is in place (an
+  exception or a signal between the two renames puts it back).  On any
   exception the temp folder is removed and ``out_dir`` is untouched.  An existing
   ``out_dir`` without ``overwrite`` fails in the constructor, before any work.
 * Callers put aux files (config, tokenizer, manifest) into ``w.tmp_dir`` before
@@ -360,24 +361,9 @@ class CheckpointWriter:
             fn(tmp)
 
         out = self.out_dir
-        old: Path | None = None
-        if out.exists() or out.is_symlink():
-            self.check_target(out, self.overwrite)  # it may have appeared meanwhile
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            try:
-                os.rename(out, old)
-            except OSError as e:
-                raise CheckpointError(f"cannot move the existing {out} aside: {_one_line(e)}") from None
-        try:
-            os.rename(tmp, out)
-        except OSError as e:
-            if old is not None:
-                os.rename(old, out)
-            raise CheckpointError(f"cannot move {tmp} to {out}: {_one_line(e)}") from None
+        move_into_place(tmp, out, self.overwrite)
         self._tmp = None
         self._done = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         if self.fsync and hasattr(os, "O_DIRECTORY"):
             try:
                 dfd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -396,6 +382,33 @@ class CheckpointWriter:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
         self._done = True
+
+
+def move_into_place(tmp: Path, out: Path, overwrite: bool = False) -> None:
+    """Rename the finished temporary folder ``tmp`` (a sibling of ``out``) to
+    ``out``.  An existing ``out`` (checked again with
+    :meth:`CheckpointWriter.check_target`: it may have appeared meanwhile) is
+    renamed aside first and deleted once the new folder is in place; an error or a
+    signal (Ctrl-C, SIGTERM as SystemExit) between the two renames puts it back,
+    so ``out`` is never left missing."""
+    old: Path | None = None
+    if out.exists() or out.is_symlink():
+        CheckpointWriter.check_target(out, overwrite)
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    step = f"move the existing {out} aside"
+    try:
+        if old is not None:
+            os.rename(out, old)
+        step = f"move {tmp} to {out}"
+        os.rename(tmp, out)
+    except BaseException as e:
+        if old is not None and os.path.lexists(old) and not os.path.lexists(out):
+            os.rename(old, out)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot {step}: {_one_line(e)}") from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def stream_rewrite(
@@ -483,4 +496,5 @@ def stream_rewrite(
     return edited
 
 
-__all__ = ["CheckpointWriter", "stream_rewrite", "build_header", "shard_name", "DEFAULT_MAX_SHARD_BYTES"]
+__all__ = ["CheckpointWriter", "stream_rewrite", "move_into_place", "build_header", "shard_name",
+           "DEFAULT_MAX_SHARD_BYTES"]
