@@ -21,11 +21,11 @@ import torch
 from .architectures import check_layers, get_architecture
 from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, resolve_model, sha256_file,
                          stream_rewrite)
-from .checkpoint.files import save_tensors
+from .checkpoint.files import _one_line, save_tensors
 from .directions import Directions, compute_directions as _compute_directions
 from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
 from .defaults import INJECT_DEFAULTS, OPENING_DEFAULTS, REFUSAL_TOLERANCE
-from .errors import PromptError, SurgeryError
+from .errors import CheckpointError, PromptError, SurgeryError
 from .evaluation.metrics import evaluate, format_intervals, format_table, summary_row
 from .manifest import build_manifest, update_manifest, write_manifest
 from .model import LoadedModel, load_model
@@ -190,11 +190,15 @@ def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool =
         copy_aux_files(reader.folder, wr.tmp_dir, config_updates)
         for rel, content in (files or {}).items():
             dst = wr.tmp_dir / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, Path):
-                shutil.copyfile(content, dst)
-            else:
-                dst.write_bytes(content)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, Path):
+                    shutil.copyfile(content, dst)
+                else:
+                    dst.write_bytes(content)
+            except OSError as e:  # a full disk, say: one line naming the file, like the shard writes
+                what = f"copy {content} to {dst}" if isinstance(content, Path) else f"write {dst}"
+                raise CheckpointError(f"cannot {what}: {_one_line(e)}") from None
         if manifest is not None:
             m = dict(manifest)
             m["edited"] = {"count": len(edited), "tensors": edited, "untied_lm_head": bool(config_updates)}

@@ -388,3 +388,36 @@ def test_impossible_targets_fail_before_the_model_loads(tmp_path, tiny_chat, mon
                                  "--max-shard-size", "1e-12"])
     assert r.exit_code == 2 and "--max-shard-size" in r.output
     assert sorted(os.listdir(tmp_path)) == ["afile", "dir.safetensors", "dir.safetensors.json"]
+
+
+@pytest.mark.parametrize("artifact", ["a copied file", "bytes"])
+def test_a_full_disk_while_writing_artifacts_is_one_line(tmp_path, monkeypatch, artifact):
+    """write_edited copies artifacts (direction.safetensors, ...) into the checkpoint:
+    a full disk there was a raw OSError traceback."""
+    import errno
+    import pathlib
+
+    import surgery.pipeline as pipeline_mod
+    from surgery.errors import CheckpointError
+    from surgery.pipeline import write_edited
+
+    src = make_tiny_checkpoint("llama", tmp_path / "src")
+    dfile = _direction_file(tmp_path, 32)
+
+    name = "extra.bin" if artifact == "bytes" else "direction.safetensors"
+    files = {"notes/extra.bin": b"x"} if artifact == "bytes" else {"direction.safetensors": dfile}
+
+    def failing(real, dst_of):
+        def write(*a, **k):
+            if Path(dst_of(*a)).name == name:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*a, **k)
+        return write
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", failing(pathlib.Path.write_bytes, lambda self, data: self))
+    monkeypatch.setattr(pipeline_mod.shutil, "copyfile", failing(shutil.copyfile, lambda src, dst: dst))
+    listing = set(os.listdir(tmp_path))
+    with CheckpointReader(src) as reader, pytest.raises(CheckpointError, match=f"{name}: .*No space left") as ei:
+        write_edited(reader, tmp_path / "out", lambda n, t: None, files=files)
+    assert "\n" not in str(ei.value)
+    assert set(os.listdir(tmp_path)) == listing
