@@ -369,6 +369,33 @@ def test_paths_written_with_a_tilde_mean_the_home_folder(tmp_path, tiny_chat, mo
     assert (home / "report.json").read_text() == "{}" and not (tmp_path / "~").exists()
 
 
+def test_untied_model_without_lm_head_is_refused_before_any_work(tmp_path, tiny_chat_untied, monkeypatch):
+    """An untied model (tie_word_embeddings false) without lm_head.weight was edited:
+    transformers gave the output a random lm_head.  Directly, or through a shard index
+    that leaves out the lm_head its shard holds (the output lacked it, verify said OK)."""
+    from safetensors.torch import load_file, save_file
+
+    import surgery.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    pc = PromptConfig(n_train=8, n_val=4)
+    dfile = _direction_file(tmp_path, 32)
+    nohead = tmp_path / "nohead"
+    shutil.copytree(tiny_chat_untied, nohead)
+    sd = load_file(nohead / "model.safetensors")
+    sd.pop("lm_head.weight")
+    save_file(sd, str(nohead / "model.safetensors"), metadata={"format": "pt"})
+    indexed = tmp_path / "indexed"
+    shutil.copytree(tiny_chat_untied, indexed)
+    (indexed / "model.safetensors").rename(indexed / "model-00001-of-00001.safetensors")
+    (indexed / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in sd}}))
+    for src in (nohead, indexed):
+        _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), tmp_path / "out", alpha=1.0, direction_file=dfile,
+                                                          run_eval=False, prompts=pc),
+                              r"lacks 1 required tensor\(s\): lm_head\.weight \(tie_word_embeddings is false\)")
+
+
 def test_impossible_targets_fail_before_the_model_loads(tmp_path, tiny_chat, monkeypatch):
     """-o under a file and a shard budget under one byte failed only at the write,
     after the directions and the sweep."""
