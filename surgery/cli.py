@@ -135,7 +135,7 @@ def directions(model, out, overwrite, sources, rank_by, harmful, harmless, borde
     resolved, reader, _ = open_model(model, revision, allow_pickle, _say)
     check_file_targets(targets, overwrite, [resolved.folder])  # a Hub id or GGUF resolves to a local folder too
     reader.close()
-    lm = load_model(resolved.folder, device=device)
+    lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
     dirs = compute_directions(lm, prompts, sources or ("response",), rank_by, _say)
     path = dirs.save(out)
     _say(f"saved {path} and {path}.json")
@@ -283,10 +283,10 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
     if reference:
         rres, rreader, _ = open_model(reference, None, allow_pickle, _say)
         rreader.close()
-        ref_lm = load_model(rres.folder, device=device)
+        ref_lm = load_model(rres.folder, device=device, allow_pickle=allow_pickle)
     res, reader, _ = open_model(model, revision, allow_pickle, _say)
     reader.close()
-    lm = load_model(res.folder, device=device)
+    lm = load_model(res.folder, device=device, allow_pickle=allow_pickle)
     cache: dict = {}
     if ref_lm is not None:
         reports["reference"] = evaluate(ref_lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache,

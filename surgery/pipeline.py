@@ -572,7 +572,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
         ht, bt, hv, bv = prompts.train_val()  # validates prompt sources before loading the model
         if run_eval:
             test_sets(prompts)  # the evaluation's sets too: a bad one must not fail after the write
-        lm = load_model(resolved.folder, device=device)
+        lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
         if run_eval or alpha is None or dirs is None or method.calibrates:  # prompts will be formatted
             format_chat(lm.tokenizer, "Hello")  # no chat template: refused now, not after the write
         # artifacts (direction, gates) are made here, then copied into the checkpoint's own temporary folder

@@ -582,7 +582,7 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
     say(f"search space: {len(space.alphas)} alphas x {len(space.layer_ranges)} layer ranges x "
         f"{len(space.strengths)} {STRENGTH_NAMES[space.fit]} x {len(space.ranks)} ranks = {n_grid} points"
         + (f"; TPE, {trials or n_grid} trials" if sampler == "tpe" else ""))
-    lm = load_model(resolved.folder, device=device)
+    lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
     with folder as tmp:
         if dirs is None:
             dirs = compute_directions(lm, prompts, sources, rank_by, say)
@@ -777,7 +777,7 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
                     max_shard_bytes=max_shard_bytes, say=say)
     result = HardenResult(out, alpha, data["direction"], [])
     if run_eval:
-        base = load_model(resolved.folder, device=device)
+        base = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
         patched = load_model(out, device=device)
         p = data["prompts"]
         result.evaluation = evaluate_models(base, patched, PromptConfig(**p), eval_tokens, say)
