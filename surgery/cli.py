@@ -15,6 +15,9 @@ from . import __version__
 from .defaults import INJECT_DEFAULTS, OPENING_DEFAULTS, REFUSAL_TOLERANCE
 from .errors import SurgeryError
 
+#: --max-shard-size, in GB: at least one byte (the commands pass int(GB * 1e9) bytes on)
+SHARD_GB = click.FloatRange(min=1e-9)
+
 
 def _say(msg: str) -> None:
     click.echo(msg, err=False)
@@ -132,7 +135,7 @@ def directions(model, out, overwrite, sources, rank_by, harmful, harmless, borde
     resolved, reader, _ = open_model(model, revision, allow_pickle, _say)
     check_file_targets(targets, overwrite, [resolved.folder])  # a Hub id or GGUF resolves to a local folder too
     reader.close()
-    lm = load_model(resolved.folder, device=device)
+    lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
     dirs = compute_directions(lm, prompts, sources or ("response",), rank_by, _say)
     path = dirs.save(out)
     _say(f"saved {path} and {path}.json")
@@ -159,7 +162,7 @@ def edit_options(f):
                           "validation); 0: the most refusing."),
         click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation."),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end)."),
-        click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB."),
+        click.option("--max-shard-size", type=SHARD_GB, default=5.0, show_default=True, help="Shard size in GB."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
     ]):
         f = opt(f)
@@ -280,10 +283,10 @@ def eval_cmd(model, reference, max_new_tokens, json_out, limit, harmful, harmles
     if reference:
         rres, rreader, _ = open_model(reference, None, allow_pickle, _say)
         rreader.close()
-        ref_lm = load_model(rres.folder, device=device)
+        ref_lm = load_model(rres.folder, device=device, allow_pickle=allow_pickle)
     res, reader, _ = open_model(model, revision, allow_pickle, _say)
     reader.close()
-    lm = load_model(res.folder, device=device)
+    lm = load_model(res.folder, device=device, allow_pickle=allow_pickle)
     cache: dict = {}
     if ref_lm is not None:
         reports["reference"] = evaluate(ref_lm, sets, reference=ref_lm, max_new_tokens=max_new_tokens, reference_cache=cache,
@@ -454,7 +457,7 @@ def sae_train(model, layers, out, d_sae, expansion, k, steps, epochs, lr, batch_
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--max-shard-size", type=SHARD_GB, default=5.0, show_default=True, help="Shard size in GB.")
 def merge_lora(model, adapter, out, adapter_revision, revision, allow_pickle, overwrite, max_shard_size):
     """Merge a PEFT LoRA ADAPTER into MODEL, tensor by tensor, and write OUT (with surgery.json)."""
     from .adapters import merge_adapter
@@ -481,7 +484,7 @@ def merge_lora(model, adapter, out, adapter_revision, revision, allow_pickle, ov
 @click.option("--emit-adapter", is_flag=True, help="Write the projected adapter (PEFT format) instead of merging.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--max-shard-size", type=SHARD_GB, default=5.0, show_default=True, help="Shard size in GB.")
 def safe_lora_cmd(aligned, base, directions_file, direction_span, adapter, finetuned, out, projector, energy, threshold,
                   top_k, emit_adapter, allow_pickle, overwrite, max_shard_size):
     """Safe-LoRA: project poorly aligned fine-tuning updates onto the alignment subspace, then merge into
@@ -673,7 +676,7 @@ def units_cmd(model, out, plot_out, overwrite, top, below, redundant, positions,
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
 @click.option("--device", default=None, help="torch device for measuring (default: cuda if available, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--max-shard-size", type=SHARD_GB, default=5.0, show_default=True, help="Shard size in GB.")
 def protect_cmd(aligned, finetuned, out, units_file, include_complex, top, below, redundant, positions, limit,
                 max_new_tokens, batch_size, allow_pickle, device, overwrite, max_shard_size):
     """Restore the safety-critical units of a fine-tuned model from its aligned parent: each unit's column of
@@ -795,7 +798,7 @@ def _check_choice(pick, rule) -> None:
               help='With --write: e.g. "max refusal with over-refusal <= 0.05 and kl <= 0.2" '
                    "(conditions on over-refusal, borderline, kl joined by and).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT (and the --write folder) if they exist.")
-@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB (--write).")
+@click.option("--max-shard-size", type=SHARD_GB, default=5.0, show_default=True, help="Shard size in GB (--write).")
 @prompt_options
 @model_options
 def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sampler, trials, seed, confirm,
@@ -848,7 +851,7 @@ def tune_cmd(model, out, alphas, layer_ranges, fit, strengths, ridge, ranks, sam
 @click.option("--eval", "run_eval", is_flag=True, help="Also evaluate before/after on the test split.")
 @click.option("--eval-tokens", type=click.IntRange(min=1), default=48, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-@click.option("--max-shard-size", type=click.FloatRange(min=0.0, min_open=True), default=5.0, show_default=True, help="Shard size in GB.")
+@click.option("--max-shard-size", type=SHARD_GB, default=5.0, show_default=True, help="Shard size in GB.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (loaded with weights_only=True).")
 @click.option("--device", default=None, help="torch device for --eval (default: cuda if available, else cpu).")
 def tune_apply_cmd(tune_dir, out, pick, rule, model, run_eval, eval_tokens, overwrite, max_shard_size, allow_pickle,

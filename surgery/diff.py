@@ -42,7 +42,11 @@ Design
   or a model of unknown type, falls back to the regex ``(layers|h|blocks).N.``
   and is assumed to be stored ``(d_out, d_in)`` like ``nn.Linear`` (the
   record's ``layout`` says ``"out_in?"``).  Tensors outside any layer (embedding,
-  final norm, lm_head) form the layer-less group ``-``.
+  final norm, lm_head) form the layer-less group ``-``.  A side that lacks a
+  tensor its architecture requires (e.g. the lm_head of an untied model, which
+  transformers would initialise at random) is compared all the same, with a note
+  naming the tensor: diff reads files and refuses none, but never passes such a
+  checkpoint off as whole.
 * **Output.**  ``summary()`` is a text table of the changed tensors grouped by
   layer, one line per changed module kind, the one-sided / mismatched tensors
   and the totals.  ``to_json()`` holds every record.  ``plot(path)`` draws, with
@@ -177,16 +181,19 @@ def _fallback_place(name: str) -> _Place:
     return _Place(int(m.group(1)), m.group(2), None, None)
 
 
-def _place_all(reader: CheckpointReader) -> tuple[dict[str, _Place], str | None]:
+def _place_all(reader: CheckpointReader) -> tuple[dict[str, _Place], str | None, str | None]:
     """Layer, module kind and layout of every tensor of ``reader`` (architecture
-    data where it can place a name, the regex fallback elsewhere)."""
+    data where it can place a name, the regex fallback elsewhere), the model type,
+    and why the checkpoint is incomplete (a required tensor it lacks, e.g. an
+    untied lm_head) or None."""
     from .architectures import get_architecture
 
     names = reader.names
+    incomplete = None
     try:
         arch = get_architecture(reader.config, reader.names)
     except ArchitectureError:
-        return {n: _fallback_place(n) for n in names}, None
+        return {n: _fallback_place(n) for n in names}, None, None
     try:
         infos = arch.place(names, reader.config, strict=False)
     except ArchitectureError:  # some names cannot be placed: place the rest one by one
@@ -196,6 +203,10 @@ def _place_all(reader: CheckpointReader) -> tuple[dict[str, _Place], str | None]
                 infos.update(arch.place([n], reader.config, strict=False))
             except ArchitectureError:
                 pass
+    try:  # are the tensors the architecture requires all there?
+        arch.place(list(infos), reader.config)
+    except ArchitectureError as e:
+        incomplete = str(e)
     out: dict[str, _Place] = {}
     for n in names:
         info = infos.get(n)
@@ -205,7 +216,7 @@ def _place_all(reader: CheckpointReader) -> tuple[dict[str, _Place], str | None]
             out[n] = _Place(None, n, info.layout, info)
         else:
             out[n] = _Place(info.layer, _kind_after_layer(n, info.layer, info.expert), info.layout, info)
-    return out, arch.model_type
+    return out, arch.model_type, incomplete
 
 
 def _as_out_in(place: _Place, t: torch.Tensor) -> torch.Tensor | None:
@@ -547,9 +558,10 @@ def diff_checkpoints(a, b, *, direction=None, energy: float = 0.99, rank_q: int 
         ra.close()
         raise
     with ra, rb:
-        place_a, info_a["model_type"] = _place_all(ra)
-        place_b, info_b["model_type"] = _place_all(rb)
-        notes = []
+        place_a, info_a["model_type"], incomplete_a = _place_all(ra)
+        place_b, info_b["model_type"], incomplete_b = _place_all(rb)
+        notes = [f"note: {side} ({r.folder}) is incomplete: {why}"
+                 for side, r, why in (("A", ra, incomplete_a), ("B", rb, incomplete_b)) if why]
         if info_a["model_type"] is None or info_b["model_type"] is None:
             notes.append("note: unknown model type; layers found by the regex (layers|h|blocks).N. and 2-D tensors "
                          "read as (d_out, d_in)")

@@ -5,7 +5,8 @@ Every output folder carries a manifest: tool and library versions, the input
 (source, count, sha256), the direction (file hash, layer, position, norm), the
 method and every parameter, the evaluation if run, and the sha256 of every
 output file.  ``verify`` recomputes the output hashes and names any file that
-differs, is missing, or is not listed.  The manifest never holds tokens.
+differs, is missing, or is not listed, and any link to a folder (whose files no
+hash covers).  The manifest never holds tokens.
 
 How a run is recorded: ``build_manifest`` adds whatever the *provenance
 context* holds (a ``contextvars.ContextVar``), so the many places that build
@@ -118,12 +119,23 @@ def library_versions() -> dict:
     return out
 
 
+#: what :func:`hash_folder` gives a link to a folder instead of a hash (no manifest holds it)
+LINKED_FOLDER = "<link to a folder>"
+
+
 def hash_folder(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative POSIX paths), sorted."""
+    """sha256 of every file under ``folder`` (relative POSIX paths), sorted.  A
+    link to a file is hashed by its content (what a loader reads; the Hugging Face
+    cache is made of such links).  A link to a folder is not followed (neither
+    ``Path.rglob`` nor the Hub upload of ``surgery push`` descends into one), so
+    the files a loader would read through it are covered by no hash: it maps to
+    :data:`LINKED_FOLDER`, which ``verify`` reports."""
     folder = Path(folder).expanduser()
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
+        if p.is_symlink() and p.is_dir():
+            out[p.relative_to(folder).as_posix()] = LINKED_FOLDER
+        elif p.is_file():
             rel = p.relative_to(folder).as_posix()
             if rel in exclude:
                 continue
@@ -210,9 +222,12 @@ def verify(folder: str | Path) -> list[str]:
     for rel, sha in expected.items():
         if rel not in actual:
             problems.append(f"missing: {rel}")
-        elif actual[rel] != sha:
+        elif actual[rel] != sha and actual[rel] != LINKED_FOLDER:
             problems.append(f"changed: {rel} (sha256 {actual[rel][:12]}..., manifest says {sha[:12]}...)")
-    for rel in actual:
-        if rel not in expected:
+    for rel, sha in actual.items():
+        if sha == LINKED_FOLDER:
+            problems.append(f"linked folder: {rel} (a symlink to {os.readlink(folder / rel)}: no hash covers the files "
+                            "read through it)")
+        elif rel not in expected:
             problems.append(f"not in manifest: {rel}")
     return problems

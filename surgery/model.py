@@ -15,6 +15,7 @@ from typing import Iterator, Mapping
 import torch
 
 from .architectures import Architecture, get_architecture
+from .errors import CheckpointError
 
 
 @dataclass
@@ -58,22 +59,62 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def load_model(folder: str | Path, device: str | None = None, dtype: torch.dtype | None = torch.float32,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, allow_pickle: bool = False) -> LoadedModel:
     """Load an HF checkpoint folder for measurement.  float32 by default (this
-    is a CPU-first tool and measurements should not be rounded)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    is a CPU-first tool and measurements should not be rounded).
 
-    folder = Path(folder)
+    The weights are the tensors :class:`~surgery.checkpoint.CheckpointReader`
+    reads, the ones every edit streams into its output (un-indexed shards and a
+    pickled ``{"state_dict": ...}`` included; pickles only with ``allow_pickle``),
+    handed to transformers' own class for the ``model_type`` (its key renames and
+    expert fusing apply).  All of them must be used and the model must get a value
+    for every weight: a weight the checkpoint lacks (transformers would initialise
+    it at random; a tied lm_head is not one) or a tensor the model has no place for
+    is a CheckpointError naming the folder and the tensors."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer, GenerationConfig
+
+    from .checkpoint import CheckpointReader
+
+    folder = Path(folder).expanduser()
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    arch = get_architecture(config)
+    gen = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+    with CheckpointReader(folder, allow_pickle=allow_pickle) as reader:
+        weights = {name: reader.get(name) for name in reader.names}
+    model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+        None, config=config, state_dict=weights, dtype=dtype, generation_config=gen, output_loading_info=True,
+        ignore_mismatched_sizes=True)  # reported in the loading info, refused below with the names
+    del weights
+    _check_loaded(folder, info)
+    model.config.name_or_path = str(folder)
     model.to(pick_device(device))
     model.eval()
     model.requires_grad_(False)
-    arch = get_architecture(model.config)
     return LoadedModel(model=model, tokenizer=tok, arch=arch, folder=folder)
+
+
+def _check_loaded(folder: Path, info: Mapping) -> None:
+    """Refuse a model that transformers filled only in part (``output_loading_info``)."""
+    def some(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    parts = []
+    if info.get("missing_keys"):
+        parts.append(f"it lacks {len(info['missing_keys'])} weight(s) of the model, which transformers would "
+                     f"initialise at random: {some(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        parts.append(f"the model has no place for {len(info['unexpected_keys'])} of its tensor(s): "
+                     f"{some(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        parts.append(f"{len(info['mismatched_keys'])} tensor(s) have the wrong shape: "
+                     f"{some(str(k[0]) if isinstance(k, tuple) else str(k) for k in info['mismatched_keys'])}")
+    if parts:
+        raise CheckpointError(f"cannot load {folder} as a model: {'; '.join(parts)}")
 
 
 @contextlib.contextmanager

@@ -21,11 +21,11 @@ import torch
 from .architectures import check_layers, get_architecture
 from .checkpoint import (CheckpointReader, CheckpointWriter, copy_aux_files, resolve_model, sha256_file,
                          stream_rewrite)
-from .checkpoint.files import save_tensors
+from .checkpoint.files import _one_line, save_tensors
 from .directions import Directions, compute_directions as _compute_directions
 from .edits.rosi import rosi_in_memory, rosi_targets, rosi_update, unit
 from .defaults import INJECT_DEFAULTS, OPENING_DEFAULTS, REFUSAL_TOLERANCE
-from .errors import PromptError, SurgeryError
+from .errors import CheckpointError, PromptError, SurgeryError
 from .evaluation.metrics import evaluate, format_intervals, format_table, summary_row
 from .manifest import build_manifest, write_manifest
 from .model import LoadedModel, load_model
@@ -198,11 +198,15 @@ def write_edited(reader: CheckpointReader, out: Path, edit, *, overwrite: bool =
         copy_aux_files(reader.folder, wr.tmp_dir, config_updates)
         for rel, content in (files or {}).items():
             dst = wr.tmp_dir / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, Path):
-                shutil.copyfile(content, dst)
-            else:
-                dst.write_bytes(content)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, Path):
+                    shutil.copyfile(content, dst)
+                else:
+                    dst.write_bytes(content)
+            except OSError as e:  # a full disk, say: one line naming the file, like the shard writes
+                what = f"copy {content} to {dst}" if isinstance(content, Path) else f"write {dst}"
+                raise CheckpointError(f"cannot {what}: {_one_line(e)}") from None
         if manifest is not None:
             m = dict(manifest)
             m["edited"] = {"count": len(edited), "tensors": edited, "untied_lm_head": bool(config_updates)}
@@ -555,7 +559,8 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
     say = _say(say)
     out = Path(out)
     prompts = prompts or PromptConfig()
-    CheckpointWriter.check_target(out, overwrite, [source, direction_file, *prompts.sources()])
+    CheckpointWriter.check_target(out, overwrite, [source, direction_file, *prompts.sources()],
+                                  max_shard_bytes=max_shard_bytes)
     if alpha is not None and alphas is not None:
         raise SurgeryError("give --alpha (a fixed strength) or --alphas (strengths to sweep), not both")
     alphas = method.default_alphas if alphas is None else alphas
@@ -583,7 +588,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
         ht, bt, hv, bv = prompts.train_val()  # validates prompt sources before loading the model
         if run_eval:
             test_sets(prompts)  # the evaluation's sets too: a bad one must not fail after the write
-        lm = load_model(resolved.folder, device=device)
+        lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
         if run_eval or alpha is None or dirs is None or method.calibrates:  # prompts will be formatted
             format_chat(lm.tokenizer, "Hello")  # no chat template: refused now, not after the write
         # artifacts (direction, gates) are made here, then copied into the checkpoint's own temporary folder
@@ -832,7 +837,8 @@ def safe_lora(aligned: str, out: str | Path, *, base: str | None = None, directi
     if direction_span not in ("best", "all"):
         raise SurgeryError(f"direction span must be 'best' or 'all', got {direction_span!r}")
     threshold = None if top_k is not None else (sl.DEFAULT_THRESHOLD if threshold is None else float(threshold))
-    CheckpointWriter.check_target(out, overwrite, [aligned, base, directions, adapter, finetuned])
+    CheckpointWriter.check_target(out, overwrite, [aligned, base, directions, adapter, finetuned],
+                                  max_shard_bytes=max_shard_bytes)
 
     with contextlib.ExitStack() as stack:
         res_al, r_al, arch = open_model(aligned, revision, allow_pickle, say)

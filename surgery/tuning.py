@@ -524,19 +524,13 @@ class _AtomicFolder:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.out.exists():
-            from .checkpoint import CheckpointWriter
+        from .checkpoint.writer import move_into_place
 
-            CheckpointWriter.check_target(self.out, self.overwrite)
-            old = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}")
-            self.out.rename(old)
-        self.tmp.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            if exc_type is None:
+                move_into_place(self.tmp, self.out, self.overwrite)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # gone already once moved
         return False
 
 
@@ -588,7 +582,7 @@ def tune(source: str, out: str | Path, *, fit: str = "ridge", alphas: Sequence[f
     say(f"search space: {len(space.alphas)} alphas x {len(space.layer_ranges)} layer ranges x "
         f"{len(space.strengths)} {STRENGTH_NAMES[space.fit]} x {len(space.ranks)} ranks = {n_grid} points"
         + (f"; TPE, {trials or n_grid} trials" if sampler == "tpe" else ""))
-    lm = load_model(resolved.folder, device=device)
+    lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
     with folder as tmp:
         if dirs is None:
             dirs = compute_directions(lm, prompts, sources, rank_by, say)
@@ -736,7 +730,8 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
     tune_dir, out = Path(tune_dir), Path(out)
     data = read_tune(tune_dir)
     point, choice = choose_point(data, pick, rule)
-    CheckpointWriter.check_target(out, overwrite, [tune_dir, model or (data.get("model") or {}).get("source")])
+    CheckpointWriter.check_target(out, overwrite, [tune_dir, model or (data.get("model") or {}).get("source")],
+                                  max_shard_bytes=max_shard_bytes)
     params = point["params"]
     fit_rec = data["fits"].get(point["fit_id"])
     if fit_rec is None:
@@ -778,7 +773,7 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
             files = {"direction.safetensors": dir_path,
                      "direction.safetensors.json": Path(str(dir_path) + ".json"),
                      "tune.json": tune_dir / "tune.json", **g.files(Path(work))}
-            evaluation = (committed_evaluation(lambda: load_model(resolved.folder, device=device),
+            evaluation = (committed_evaluation(lambda: load_model(resolved.folder, device=device, allow_pickle=allow_pickle),
                                                PromptConfig(**data["prompts"]), eval_tokens, device, say)
                           if run_eval else None)
             g.write(reader, arch, out, r_hat, alpha, overwrite=overwrite, files=files, manifest=manifest,

@@ -271,6 +271,22 @@ def test_cli_merge_lora(tmp_path):
     assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "nope" in r.output
 
 
+def test_merge_into_an_untied_model_without_lm_head_is_refused(tmp_path):
+    """merge-lora never loads the model, so nothing noticed that an untied model
+    without lm_head.weight would load with a random one: refused before writing."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_checkpoint("llama", tmp_path / "src")  # tiny llamas are untied
+    sd = load_file(src / "model.safetensors")
+    sd.pop("lm_head.weight")
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    ad = make_peft_adapter("llama", tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["down_proj"])
+    r = CliRunner().invoke(cli, ["merge-lora", str(src), "--adapter", str(ad), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0, r.output
+    assert "lm_head.weight (tie_word_embeddings is false)" in r.output
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
 def test_merge_peak_memory_flat_in_layers():
     """Merging into 4x more layers must not grow peak RSS by more than a quarter of the extra checkpoint bytes."""
     import sys

@@ -425,6 +425,33 @@ def test_missing_writer_is_named(tiny_factory, case_id):
     assert victim not in {w.name for w in arch.residual_writers(names, t.config, strict=False)}
 
 
+def _tie(config: dict, tied: bool) -> dict:
+    """``config`` with tie_word_embeddings set (in its text sub-config too)."""
+    out = {**config, "tie_word_embeddings": tied}
+    if isinstance(out.get("text_config"), dict):
+        out["text_config"] = {**out["text_config"], "tie_word_embeddings": tied}
+    return out
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_lm_head_is_required_when_untied(tiny_factory, case_id):
+    """lm_head is optional in every data file, but only a tied model may lack it:
+    untied, transformers gave the edited model a random output projection."""
+    t = tiny_factory(case_id)
+    arch = get_architecture(t.config)
+    head = arch.find_lm_head(t.names)
+    names = [n for n in t.names if n != head]
+    arch.place(names, _tie(t.config, True))
+    with pytest.raises(ArchitectureError) as ei:
+        arch.place(names, _tie(t.config, False))
+    msg = str(ei.value)
+    assert msg.endswith(f"lacks 1 required tensor(s): {arch.lm_head_names[0]} (tie_word_embeddings is false)"), msg
+    assert arch.residual_writers(names, _tie(t.config, False), strict=False)  # a partial list is not checked
+    if head is not None:  # stored beside a tied embedding: accepted either way
+        arch.place(t.names, _tie(t.config, True))
+        arch.place(t.names, _tie(t.config, False))
+
+
 def test_missing_other_tensors_and_layers(tiny_factory):
     t = tiny_factory("qwen2_moe")
     arch = get_architecture(t.config)

@@ -814,3 +814,129 @@ def test_input_protection_reads_inputs_as_users_write_them(tmp_path, monkeypatch
         check_file_targets([("-o", "~/m/x.safetensors")], inputs=["~/m"])
     with pytest.raises(CheckpointError, match=r"is the input .*p\.jsonl\[val\]"):
         check_file_targets([("--json", tmp_path / "p.jsonl")], overwrite=True, inputs=[f"{tmp_path}/p.jsonl[val]"])
+
+
+# -- targets that cannot work are refused before any work -------------------------
+def test_impossible_output_targets_are_refused_up_front(tmp_path):
+    """An output folder under a file, or a shard budget under one byte, failed only
+    at the write (after the directions and the sweep); check_target refuses them."""
+    (tmp_path / "afile").write_text("x")
+    for target in (tmp_path / "afile" / "out", tmp_path / "afile" / "deeper" / "out"):
+        with pytest.raises(CheckpointError, match=f"cannot write in {tmp_path / 'afile'}$") as ei:
+            CheckpointWriter.check_target(target)
+        assert "\n" not in str(ei.value)
+        with pytest.raises(CheckpointError, match="cannot write in"):
+            CheckpointWriter(target)
+    for budget in (0, 0.5, -3):
+        with pytest.raises(CheckpointError, match="at least one byte"):
+            CheckpointWriter.check_target(tmp_path / "out", max_shard_bytes=budget)
+        with pytest.raises(CheckpointError, match="at least one byte"):
+            CheckpointWriter(tmp_path / "out", max_shard_bytes=budget)
+    CheckpointWriter.check_target(tmp_path / "new" / "deeper" / "out", max_shard_bytes=1)  # folders still to make: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("when", ["between the moves", "after the first move"])
+def test_interrupted_overwrite_puts_the_old_output_back(tmp_path, monkeypatch, when):
+    """Ctrl-C or SIGTERM (SystemExit) between moving the old output aside and moving
+    the new one in left no output folder, the old one only as a hidden .out.old-*."""
+    from surgery import tuning
+
+    make_synthetic(tmp_path / "src")
+    real_rename = os.rename
+    for make in ("writer", "tune folder"):
+        out = tmp_path / f"out-{make.replace(' ', '-')}"
+        out.mkdir()
+        (out / "surgery.json").write_text("old")
+        (out / "tune.json").write_text("old")
+        calls = []
+
+        def rename(a, b):
+            calls.append((a, b))
+            if len(calls) == 1 and when == "after the first move":
+                real_rename(a, b)
+                raise KeyboardInterrupt
+            if len(calls) == 2 and when == "between the moves":
+                raise SystemExit(143)  # the CLI's SIGTERM
+            real_rename(a, b)
+
+        monkeypatch.setattr(os, "rename", rename)
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            if make == "writer":
+                rewrite(tmp_path / "src", out, overwrite=True)
+            else:
+                with tuning._AtomicFolder(out, overwrite=True) as tmp:
+                    (tmp / "tune.json").write_text("new")
+        monkeypatch.setattr(os, "rename", real_rename)
+        assert sorted(p.name for p in out.iterdir()) == ["surgery.json", "tune.json"]
+        assert (out / "surgery.json").read_text() == "old" and (out / "tune.json").read_text() == "old"
+        assert leftovers(tmp_path, out.name) == []
+
+
+# -- the live model: the weights the reader reads, all of them ----------------------
+def _logits(lm) -> torch.Tensor:
+    with torch.no_grad():
+        return lm.model(torch.tensor([[1, 5, 9, 33, 2, 7]])).logits
+
+
+@pytest.fixture(scope="module")
+def untied_logits(tiny_chat_untied):
+    from surgery.model import load_model
+
+    return _logits(load_model(tiny_chat_untied))
+
+
+def _without_weights(src: Path, dst: Path) -> dict[str, torch.Tensor]:
+    """Copy of ``src`` without its model.safetensors; returns the tensors."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
+    return load_file(src / "model.safetensors")
+
+
+def test_wrapped_pickle_loads_the_weights_it_writes(tmp_path, tiny_chat_untied, untied_logits):
+    """A pickled {"state_dict": ...} was unwrapped for writing, but transformers loaded
+    a randomly initialised model from it: directions and sweeps ran on random weights."""
+    from surgery.model import load_model
+
+    sd = _without_weights(tiny_chat_untied, tmp_path / "m")
+    torch.save({"state_dict": sd}, tmp_path / "m" / "pytorch_model.bin")
+    before = _snapshot(tmp_path / "m")
+    assert torch.equal(_logits(load_model(tmp_path / "m", allow_pickle=True)), untied_logits)
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_model(tmp_path / "m")
+    assert _snapshot(tmp_path / "m") == before
+
+
+def test_unindexed_shards_load(tmp_path, tiny_chat_untied, untied_logits):
+    """Shards without model.safetensors.index.json (which weight_files reads) crashed
+    load_model with a transformers OSError traceback."""
+    from surgery.model import load_model
+
+    sd = _without_weights(tiny_chat_untied, tmp_path / "m")
+    names = list(sd)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        save_file({n: sd[n] for n in part}, str(tmp_path / "m" / f"model-{i + 1:05d}-of-00002.safetensors"),
+                  metadata={"format": "pt"})
+    assert torch.equal(_logits(load_model(tmp_path / "m")), untied_logits)
+
+
+def test_a_model_transformers_fills_only_in_part_is_refused(tmp_path, tiny_chat_untied):
+    """A weight the checkpoint lacks (initialised at random) or a tensor the model has
+    no place for: one line naming the folder and the tensors, not a random model."""
+    from surgery.model import load_model
+
+    cases = {"nohead": ("lm_head.weight", lambda sd: sd.pop("lm_head.weight")),
+             "extra": ("model.extra.weight", lambda sd: sd.update({"model.extra.weight": torch.zeros(3)})),
+             "shape": ("model.norm.weight", lambda sd: sd.update({"model.norm.weight": torch.ones(5)}))}
+    for name, (tensor, change) in cases.items():
+        sd = _without_weights(tiny_chat_untied, tmp_path / name)
+        change(sd)
+        save_file(sd, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=f"cannot load {tmp_path / name} as a model: .*{tensor}") as ei:
+            load_model(tmp_path / name)
+        assert "\n" not in str(ei.value)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

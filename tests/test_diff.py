@@ -265,6 +265,22 @@ def test_whole_checkpoint_cast_is_compared_by_value(tmp_path):
     assert f"bfloat16 -> float32: {len(t)} tensors" in rep2.summary()
 
 
+def test_a_side_without_a_required_tensor_gets_a_note(tmp_path):
+    """diff never loads the model: an untied checkpoint without lm_head.weight (which
+    transformers would fill at random) was compared as if whole, without a word."""
+    src = make_tiny_checkpoint("llama", tmp_path / "src")  # untied
+    t = _tensors(src)
+    del t["lm_head.weight"]
+    b = _save(tmp_path / "b", t, json.loads((src / "config.json").read_text()))
+    rep = diff_checkpoints(src, b)
+    assert rep.notes == [f"note: B ({b}) is incomplete: checkpoint of model_type 'llama' lacks 1 required tensor(s): "
+                         "lm_head.weight (tie_word_embeddings is false)"]
+    assert rep.notes[0] in rep.summary()
+    assert diff_checkpoints(src, src).notes == []
+    r = CliRunner().invoke(cli, ["diff", str(b), str(b)])
+    assert r.exit_code == 0 and r.output.count("is incomplete") == 2, r.output
+
+
 def test_unknown_model_type_falls_back_to_layer_regex(tmp_path):
     g = torch.Generator().manual_seed(2)
     a = {f"net.layers.{i}.{k}": torch.randn(24, 40, generator=g) for i in range(3) for k in ("mix.weight", "out.weight")}

@@ -159,6 +159,31 @@ def test_card_refuses_a_folder_that_fails_verify(out):
     assert r.exit_code == 2 and shard.name in r.output and len(r.output.strip().splitlines()) == 1
 
 
+def test_verify_names_a_linked_folder_and_hashes_linked_files(out, tmp_path):
+    """`ln -s ../evil out/additional_chat_templates` swapped the chat templates and
+    verify said OK: Path.rglob does not descend into a linked folder, so nothing
+    read through it was hashed.  A link to a file is hashed by its content (what a
+    loader reads; the Hugging Face cache is made of such links)."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "default.jinja").write_text("{{ 'pwned' }}")
+    (out / "additional_chat_templates").symlink_to(evil, target_is_directory=True)
+    assert verify(out) == [f"linked folder: additional_chat_templates (a symlink to {evil}: no hash covers the files "
+                           "read through it)"]
+    r = CliRunner().invoke(cli, ["verify", str(out)])
+    assert r.exit_code == 1 and "linked folder: additional_chat_templates" in r.output
+    with pytest.raises(ManifestError, match="linked folder: additional_chat_templates"):
+        push(out, "someone/tiny-hardened")
+    (out / "additional_chat_templates").unlink()
+    # a file replaced by a link to the same bytes still verifies; to other bytes, it is named
+    same = tmp_path / "tokenizer.json"
+    shutil.move(out / "tokenizer.json", same)
+    (out / "tokenizer.json").symlink_to(same)
+    assert verify(out) == []
+    same.write_text(same.read_text() + " ")
+    assert [p.split(" (")[0] for p in verify(out)] == ["changed: tokenizer.json"]
+
+
 def _gguf(path: Path, license: str, repo: str | None) -> Path:
     from gguf import GGUFWriter
 

@@ -400,3 +400,84 @@ def test_a_run_stopped_during_the_evaluation_commits_nothing(tmp_path, tiny_chat
     with pytest.raises(KeyboardInterrupt):
         rosi(str(tiny_chat), out, alpha=2.0, direction_file=dfile, prompts=pc, eval_tokens=2, overwrite=True)
     assert (out / "surgery.json").read_bytes() == before and verify(out) == []
+
+
+def test_untied_model_without_lm_head_is_refused_before_any_work(tmp_path, tiny_chat_untied, monkeypatch):
+    """An untied model (tie_word_embeddings false) without lm_head.weight was edited:
+    transformers gave the output a random lm_head.  Directly, or through a shard index
+    that leaves out the lm_head its shard holds (the output lacked it, verify said OK)."""
+    from safetensors.torch import load_file, save_file
+
+    import surgery.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    pc = PromptConfig(n_train=8, n_val=4)
+    dfile = _direction_file(tmp_path, 32)
+    nohead = tmp_path / "nohead"
+    shutil.copytree(tiny_chat_untied, nohead)
+    sd = load_file(nohead / "model.safetensors")
+    sd.pop("lm_head.weight")
+    save_file(sd, str(nohead / "model.safetensors"), metadata={"format": "pt"})
+    indexed = tmp_path / "indexed"
+    shutil.copytree(tiny_chat_untied, indexed)
+    (indexed / "model.safetensors").rename(indexed / "model-00001-of-00001.safetensors")
+    (indexed / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in sd}}))
+    for src in (nohead, indexed):
+        _assert_clean_failure(tmp_path, src, lambda: rosi(str(src), tmp_path / "out", alpha=1.0, direction_file=dfile,
+                                                          run_eval=False, prompts=pc),
+                              r"lacks 1 required tensor\(s\): lm_head\.weight \(tie_word_embeddings is false\)")
+
+
+def test_impossible_targets_fail_before_the_model_loads(tmp_path, tiny_chat, monkeypatch):
+    """-o under a file and a shard budget under one byte failed only at the write,
+    after the directions and the sweep."""
+    import surgery.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    pc = PromptConfig(n_train=8, n_val=4)
+    dfile = _direction_file(tmp_path, 32)
+    (tmp_path / "afile").write_text("x")
+    _assert_clean_failure(tmp_path, tiny_chat, lambda: rosi(str(tiny_chat), tmp_path / "afile" / "out", alpha=1.0,
+                                                            direction_file=dfile, run_eval=False, prompts=pc),
+                          "cannot write in .*afile")
+    _assert_clean_failure(tmp_path, tiny_chat, lambda: rosi(str(tiny_chat), tmp_path / "out", alpha=1.0,
+                                                            direction_file=dfile, run_eval=False, prompts=pc,
+                                                            max_shard_bytes=0), "at least one byte")
+    r = CliRunner().invoke(cli, ["rosi", str(tiny_chat), "-o", str(tmp_path / "out"), "--alpha", "1",
+                                 "--max-shard-size", "1e-12"])
+    assert r.exit_code == 2 and "--max-shard-size" in r.output
+    assert sorted(os.listdir(tmp_path)) == ["afile", "dir.safetensors", "dir.safetensors.json"]
+
+
+@pytest.mark.parametrize("artifact", ["a copied file", "bytes"])
+def test_a_full_disk_while_writing_artifacts_is_one_line(tmp_path, monkeypatch, artifact):
+    """write_edited copies artifacts (direction.safetensors, ...) into the checkpoint:
+    a full disk there was a raw OSError traceback."""
+    import errno
+    import pathlib
+
+    import surgery.pipeline as pipeline_mod
+    from surgery.errors import CheckpointError
+    from surgery.pipeline import write_edited
+
+    src = make_tiny_checkpoint("llama", tmp_path / "src")
+    dfile = _direction_file(tmp_path, 32)
+
+    name = "extra.bin" if artifact == "bytes" else "direction.safetensors"
+    files = {"notes/extra.bin": b"x"} if artifact == "bytes" else {"direction.safetensors": dfile}
+
+    def failing(real, dst_of):
+        def write(*a, **k):
+            if Path(dst_of(*a)).name == name:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*a, **k)
+        return write
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", failing(pathlib.Path.write_bytes, lambda self, data: self))
+    monkeypatch.setattr(pipeline_mod.shutil, "copyfile", failing(shutil.copyfile, lambda src, dst: dst))
+    listing = set(os.listdir(tmp_path))
+    with CheckpointReader(src) as reader, pytest.raises(CheckpointError, match=f"{name}: .*No space left") as ei:
+        write_edited(reader, tmp_path / "out", lambda n, t: None, files=files)
+    assert "\n" not in str(ei.value)
+    assert set(os.listdir(tmp_path)) == listing

@@ -500,7 +500,8 @@ def merge_adapter(source_or_reader, adapter, out, *, overwrite: bool = False, re
     out = Path(out)
     model_src = source_or_reader.folder if isinstance(source_or_reader, CheckpointReader) else source_or_reader
     CheckpointWriter.check_target(out, overwrite, [model_src, adapter if not isinstance(adapter, LoraAdapter)
-                                                   else getattr(adapter, "folder", None)])
+                                                   else getattr(adapter, "folder", None)],
+                                  max_shard_bytes=max_shard_bytes)
     if not isinstance(adapter, LoraAdapter):
         adapter = load_adapter(adapter, adapter_revision, allow_pickle)
     own = not isinstance(source_or_reader, CheckpointReader)

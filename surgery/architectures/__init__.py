@@ -68,7 +68,9 @@ other          anything          - / -   not writers
 ============== ================= ========================================
 
 ``optional``: the tensor may be absent (config-dependent biases, tied lm_head,
-buffers saved by old transformers versions).  Non-optional ``{layer}`` entries
+buffers saved by old transformers versions).  The ``lm_head`` role is optional
+only while the config ties it (:meth:`Architecture.tied`): an untied checkpoint
+without it is incomplete (transformers would initialise it at random).  Non-optional ``{layer}`` entries
 are required in every layer, non-optional ``{expert}`` entries for every expert
 ``0..E-1``.
 
@@ -537,7 +539,7 @@ class Architecture:
                     f" says {self.num_experts_key}={n_experts}"
                 )
         if strict:
-            self._check_complete(matched, n_layers, n_experts)
+            self._check_complete(matched, n_layers, n_experts, self.tied(config))
 
         present = set(names)
         infos: dict[str, TensorInfo] = {}
@@ -554,6 +556,7 @@ class Architecture:
         matched: Mapping[str, tuple[TensorPattern, int | None, int | None]],
         n_layers: int,
         n_experts: int | None,
+        tied: bool,
     ) -> None:
         top: set[int] = set()
         # layer -> entry index -> set of expert indices (None for non-expert)
@@ -567,8 +570,10 @@ class Architecture:
                 example.setdefault((layer, entry.index), name)
         missing: list[str] = []
         for e in self.patterns:
-            if not e.has_layer and not e.optional and e.index not in top:
-                missing.append(e.render())
+            # an lm_head is optional only when tied: untied, transformers would initialise a missing one at random
+            required = not e.optional or (e.role == "lm_head" and not tied)
+            if not e.has_layer and required and e.index not in top:
+                missing.append(e.render() + (" (tie_word_embeddings is false)" if e.role == "lm_head" else ""))
         for layer in range(n_layers):
             here = per_layer.get(layer, {})
             cands: set[str] | None = None

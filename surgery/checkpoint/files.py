@@ -328,11 +328,18 @@ def check_file_targets(targets, overwrite: bool = False, inputs=()) -> None:
                 raise CheckpointError(f"{what} {path} exists and is not a file")
             if not overwrite:
                 raise CheckpointError(f"{what} {path} exists (pass --overwrite to replace it)")
-        parent = Path(os.path.abspath(path)).parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise CheckpointError(f"{what} {path}: cannot write in {parent}")
+        check_parent(what, path)
+
+
+def check_parent(what: str, path: str | Path) -> None:
+    """Raise CheckpointError if ``path`` (a file or a folder) cannot be created:
+    its nearest existing ancestor must be a folder this process can write in
+    (``what`` names the option)."""
+    parent = Path(os.path.abspath(Path(path).expanduser())).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{what} {path}: cannot write in {parent}")
 
 
 def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:

@@ -19,7 +19,8 @@ Design
   filesystem).  On clean exit the writer checks every planned tensor was written,
   fsyncs, writes ``model.safetensors.index.json`` (always, even for one shard) and
   renames the temp folder to ``out_dir``; with ``overwrite=True`` the old folder
-  is renamed aside first and deleted only after the new one is in place.  On any
+  is renamed aside first and deleted only after the new one is in place (an
+  exception or a signal between the two renames puts it back).  On any
   exception the temp folder is removed and ``out_dir`` is untouched.  An existing
   ``out_dir`` without ``overwrite`` fails in the constructor, before any work.
 * Callers put aux files (config, tokenizer, manifest) into ``w.tmp_dir`` before
@@ -99,9 +100,7 @@ class CheckpointWriter:
         fsync: bool = True,
     ):
         self.out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
-        self.check_target(self.out_dir, overwrite)
-        if int(max_shard_bytes) <= 0:
-            raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.check_target(self.out_dir, overwrite, max_shard_bytes=max_shard_bytes)
         self.max_shard_bytes = int(max_shard_bytes)
         self.overwrite = overwrite
         self.fsync = fsync
@@ -124,15 +123,20 @@ class CheckpointWriter:
 
     # -- target checks ---------------------------------------------------------
     @staticmethod
-    def check_target(out_dir, overwrite: bool = False, inputs: Iterable = ()) -> None:
+    def check_target(out_dir, overwrite: bool = False, inputs: Iterable = (),
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
         """Raise CheckpointError now if writing to ``out_dir`` is bound to fail, or
         would change an input: ``inputs`` (paths or other sources; those that are
         not local paths are skipped) must not be ``out_dir`` or lie inside it, since
         replacing it with ``overwrite`` would delete them, and ``out_dir`` must not
-        lie inside an input folder."""
-        from .files import check_folder_inputs
+        lie inside an input folder; its parent must be a folder that can be
+        created and written; ``max_shard_bytes`` must be at least one byte."""
+        from .files import check_folder_inputs, check_parent
 
-        out = Path(out_dir)
+        out = Path(out_dir).expanduser()
+        if int(max_shard_bytes) <= 0:
+            raise CheckpointError(f"output folder {out_dir}: the shard size must be at least one byte, got "
+                                  f"{max_shard_bytes!r} bytes")
         check_folder_inputs(out, inputs, overwrite)
         if out.exists() or out.is_symlink():
             if not overwrite:
@@ -143,6 +147,7 @@ class CheckpointWriter:
                 raise CheckpointError(f"output folder {out} is not an earlier surgery output (it has no "
                                       f"{' or '.join(OUTPUT_MARKERS)}): --overwrite replaces only those; "
                                       "empty it yourself or write to another folder")
+        check_parent("output folder", out)
 
     # -- lifetime --------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
@@ -356,24 +361,9 @@ class CheckpointWriter:
             fn(tmp)
 
         out = self.out_dir
-        old: Path | None = None
-        if out.exists() or out.is_symlink():
-            self.check_target(out, self.overwrite)  # it may have appeared meanwhile
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            try:
-                os.rename(out, old)
-            except OSError as e:
-                raise CheckpointError(f"cannot move the existing {out} aside: {_one_line(e)}") from None
-        try:
-            os.rename(tmp, out)
-        except OSError as e:
-            if old is not None:
-                os.rename(old, out)
-            raise CheckpointError(f"cannot move {tmp} to {out}: {_one_line(e)}") from None
+        move_into_place(tmp, out, self.overwrite)
         self._tmp = None
         self._done = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         if self.fsync and hasattr(os, "O_DIRECTORY"):
             try:
                 dfd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -392,6 +382,33 @@ class CheckpointWriter:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
         self._done = True
+
+
+def move_into_place(tmp: Path, out: Path, overwrite: bool = False) -> None:
+    """Rename the finished temporary folder ``tmp`` (a sibling of ``out``) to
+    ``out``.  An existing ``out`` (checked again with
+    :meth:`CheckpointWriter.check_target`: it may have appeared meanwhile) is
+    renamed aside first and deleted once the new folder is in place; an error or a
+    signal (Ctrl-C, SIGTERM as SystemExit) between the two renames puts it back,
+    so ``out`` is never left missing."""
+    old: Path | None = None
+    if out.exists() or out.is_symlink():
+        CheckpointWriter.check_target(out, overwrite)
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    step = f"move the existing {out} aside"
+    try:
+        if old is not None:
+            os.rename(out, old)
+        step = f"move {tmp} to {out}"
+        os.rename(tmp, out)
+    except BaseException as e:
+        if old is not None and os.path.lexists(old) and not os.path.lexists(out):
+            os.rename(old, out)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot {step}: {_one_line(e)}") from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def stream_rewrite(
@@ -479,4 +496,5 @@ def stream_rewrite(
     return edited
 
 
-__all__ = ["CheckpointWriter", "stream_rewrite", "build_header", "shard_name", "DEFAULT_MAX_SHARD_BYTES"]
+__all__ = ["CheckpointWriter", "stream_rewrite", "move_into_place", "build_header", "shard_name",
+           "DEFAULT_MAX_SHARD_BYTES"]

@@ -271,7 +271,7 @@ def train_model_saes(source: str, out: str | Path, layers: Sequence[int], *, d_s
     # user files are read (and an empty one refused) before the model is loaded
     corpus = load_corpus_files(corpus_files, column, limit) if corpus_files else None
 
-    lm = load_model(resolved.folder, device=device)
+    lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
     dev = lm.device
     if corpus is None:
         corpus = build_corpus(lm, (), column, limit, max_new_tokens, forward_batch_size)

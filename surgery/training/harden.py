@@ -113,7 +113,8 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
     say = _say(say)
     out = Path(out)
     prompts = prompts or PromptConfig()
-    CheckpointWriter.check_target(out, overwrite, [source, unit_mask, *prompts.sources()])
+    CheckpointWriter.check_target(out, overwrite, [source, unit_mask, *prompts.sources()],
+                                  max_shard_bytes=max_shard_bytes)
     config = config or TrainConfig()
     config.check()
     check_count(reply_tokens, "reply_tokens (--reply-tokens)")
@@ -132,7 +133,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
         harmful, keep = train_sets["harmful"], [train_sets[k] for k in sets[1:]]
         if run_eval:
             test_sets(prompts)  # the evaluation's sets too: a bad one must not fail after the write
-        lm = load_model(resolved.folder, device=device)
+        lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
         format_chat(lm.tokenizer, "Hello")  # no chat template: refused now, not after training
         say(f"refusal data: {len(harmful)} harmful -> refusals, "
             + " + ".join(f"{len(k)} {k.source}" for k in keep) + " -> the model's own replies")

@@ -86,7 +86,7 @@ def units(model: str, out: str | Path = "units.safetensors", *, plot: str | Path
         check_supported(arch.model_type)
         unit_matrices(arch, reader.names, reader.config, reader.shape)  # the checkpoint's layout, before loading
         info = input_info(resolved, reader)
-    lm = load_model(resolved.folder, device=device)
+    lm = load_model(resolved.folder, device=device, allow_pickle=allow_pickle)
     umap = compute_units(lm, positions=positions, limit=limit, max_new_tokens=max_new_tokens, rules=rules,
                          batch_size=batch_size, seed=seed, say=say)
     umap.meta["model"] = info
@@ -152,7 +152,8 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
     say = _say(say)
     out = Path(out)
     classes = tuple(classes) if classes else ("safety-critical",) + (("complex",) if include_complex else ())
-    CheckpointWriter.check_target(out, overwrite, [aligned, finetuned, units if not isinstance(units, UnitMap) else None])
+    CheckpointWriter.check_target(out, overwrite, [aligned, finetuned, units if not isinstance(units, UnitMap) else None],
+                                  max_shard_bytes=max_shard_bytes)
     if units is not None:
         settings = dict(zip(MEASURE_OPTIONS, (positions, limit, max_new_tokens, batch_size)))
         given = [o for o, v in settings.items() if v is not None]
@@ -188,7 +189,7 @@ def protect(aligned: str, finetuned: str, out: str | Path, *, units: str | Path 
                 map_file = umap_save(umap, work)
         if units is None:
             say("no unit map given: measuring the aligned model's units")
-            lm = load_model(res_al.folder, device=device)
+            lm = load_model(res_al.folder, device=device, allow_pickle=allow_pickle)
             umap = compute_units(lm, positions=positions or "all", limit=limit, max_new_tokens=max_new_tokens or 48,
                                  rules=_with_rules(None, rules), batch_size=batch_size or 16, say=say)
             del lm
