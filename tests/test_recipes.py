@@ -462,6 +462,16 @@ def test_reproduce_names_a_changed_direction_or_prompt_file(tmp_path, tiny_chat,
     assert not any(c.startswith("prompt set") for c in _input_changes(m, out))
 
 
+def _reproduce_without_the_direction_file(out: Path, dfile: Path, tmp_path: Path) -> None:
+    """The direction file is gone and OUT was copied elsewhere (a download): reproduce uses the copy it ships."""
+    dfile.unlink()
+    Path(f"{dfile}.json").unlink()
+    copy = tmp_path / "downloaded"
+    shutil.copytree(out, copy)
+    r = _run(["reproduce", copy])
+    assert r.exit_code == 0 and "IDENTICAL" in r.output and "used the copy this folder ships" in r.output, r.output
+
+
 def test_reproduce_of_a_copied_folder_uses_its_own_direction(tmp_path, tiny_chat, direction):
     """A downloaded or copied output whose --direction file is gone reruns with the
     direction.safetensors it ships (same sha256): it failed 'direction file not found'."""
@@ -472,12 +482,7 @@ def test_reproduce_of_a_copied_folder_uses_its_own_direction(tmp_path, tiny_chat
     shutil.copy(f"{direction}.json", f"{dfile}.json")
     out = tmp_path / "out"
     assert _run(["rosi", str(tiny_chat), "-o", str(out), "--alpha", "2", "--no-eval", "--direction", str(dfile)]).exit_code == 0
-    dfile.unlink()
-    Path(f"{dfile}.json").unlink()
-    copy = tmp_path / "downloaded"
-    shutil.copytree(out, copy)
-    r = _run(["reproduce", copy])
-    assert r.exit_code == 0 and "IDENTICAL" in r.output and "used the copy this folder ships" in r.output, r.output
+    _reproduce_without_the_direction_file(out, dfile, tmp_path)
 
 
 STACKED = """surgery: 1
@@ -680,9 +685,4 @@ steps:
     out = tmp_path / "out"
     r = _run(["run", f, *_vars({"model": tiny_chat, "direction": dfile, "out": out})])
     assert r.exit_code == 0, r.output
-    dfile.unlink()
-    Path(f"{dfile}.json").unlink()
-    copy = tmp_path / "downloaded"
-    shutil.copytree(out, copy)
-    r = _run(["reproduce", copy])
-    assert r.exit_code == 0 and "IDENTICAL" in r.output and "used the copy this folder ships" in r.output, r.output
+    _reproduce_without_the_direction_file(out, dfile, tmp_path)
