@@ -64,10 +64,11 @@ def load_model(folder: str | Path, device: str | None = None, dtype: torch.dtype
     is a CPU-first tool and measurements should not be rounded).
 
     The weights are the tensors :class:`~surgery.checkpoint.CheckpointReader`
-    reads, the ones every edit streams into its output (un-indexed shards and a
-    pickled ``{"state_dict": ...}`` included; pickles only with ``allow_pickle``),
-    handed to transformers' own class for the ``model_type`` (its key renames and
-    expert fusing apply).  All of them must be used and the model must get a value
+    reads, the ones every edit streams into its output: transformers' own class for
+    the ``model_type`` loads them from the files where it reads the same ones (one
+    ``model.safetensors``, indexed shards: shard by shard, no second copy in memory),
+    else from the reader's tensors (un-indexed shards, a pickled ``{"state_dict":
+    ...}``; pickles only with ``allow_pickle``); its key renames and expert fusing apply.  All of them must be used and the model must get a value
     for every weight: a weight the checkpoint lacks (transformers would initialise
     it at random; a tied lm_head is not one) or a tensor the model has no place for
     is a CheckpointError naming the folder and the tensors."""
@@ -83,18 +84,35 @@ def load_model(folder: str | Path, device: str | None = None, dtype: torch.dtype
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     arch = get_architecture(config)
     gen = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    kw = dict(config=config, dtype=dtype, generation_config=gen, output_loading_info=True,
+              ignore_mismatched_sizes=True)  # reported in the loading info, refused below with the names
     with CheckpointReader(folder, allow_pickle=allow_pickle) as reader:
-        weights = {name: reader.get(name) for name in reader.names}
-    model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-        None, config=config, state_dict=weights, dtype=dtype, generation_config=gen, output_loading_info=True,
-        ignore_mismatched_sizes=True)  # reported in the loading info, refused below with the names
-    del weights
+        if reader.format == "safetensors" and _transformers_reads_the_same(reader):
+            weights = None  # transformers reads these files shard by shard (no second copy of the weights)
+        else:
+            weights = {name: reader.get(name) for name in reader.names}
+    if weights is None:
+        model, info = cls.from_pretrained(folder, use_safetensors=True, **kw)
+    else:
+        model, info = cls.from_pretrained(None, state_dict=weights, **kw)
+        del weights
     _check_loaded(folder, info)
     model.config.name_or_path = str(folder)
     model.to(pick_device(device))
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, arch=arch, folder=folder)
+
+
+def _transformers_reads_the_same(reader) -> bool:
+    """Whether ``from_pretrained(folder)`` reads exactly the reader's tensors: one
+    ``model.safetensors``, or shards with their index (which both follow).  Un-indexed
+    shards and pickles (a ``{"state_dict": ...}`` wrapper) are handed over as tensors."""
+    from .checkpoint.files import SAFETENSORS_INDEX
+
+    files = [p.name for p in reader.weight_files]
+    return files == ["model.safetensors"] or (reader.folder / SAFETENSORS_INDEX).is_file()
 
 
 def _check_loaded(folder: Path, info: Mapping) -> None:
