@@ -641,7 +641,7 @@ def harden(source: str, out: str | Path, method: EditMethod, *, alpha: float | N
             files = ({"direction.safetensors": dir_path, "direction.safetensors.json": Path(str(dir_path) + ".json")}
                      if dirs is not None else {})
             files.update(method.files(tmp_dir))
-            evaluation = committed_evaluation(lm, prompts, eval_tokens, device, say) if run_eval else None
+            evaluation = CommittedEvaluation(lm, prompts, eval_tokens, device, say) if run_eval else None
             method.write(reader, arch, out, r_hat, alpha, overwrite=overwrite, files=files, manifest=manifest,
                          max_shard_bytes=max_shard_bytes, say=say, evaluate=evaluation)
         result = HardenResult(out, alpha, manifest["direction"], points)
@@ -737,7 +737,7 @@ def evaluation_text(evaluation: dict) -> str:
                                                                  "patched": evaluation["after"]})
 
 
-class committed_evaluation:
+class CommittedEvaluation:
     """``write_edited``'s ``evaluate``: the before/after evaluation of the written
     checkpoint, loaded from the temporary folder before it is committed; ``report``
     holds the result for the caller."""

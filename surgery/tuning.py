@@ -724,7 +724,7 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
     from .edits.rosi import unit
     from .manifest import build_manifest
     from .model import load_model
-    from .pipeline import HardenResult, PromptConfig, _say, committed_evaluation, evaluation_text, input_info, open_model
+    from .pipeline import HardenResult, PromptConfig, _say, CommittedEvaluation, evaluation_text, input_info, open_model
 
     say = _say(say)
     tune_dir, out = Path(tune_dir), Path(out)
@@ -773,7 +773,7 @@ def apply_tune(tune_dir: str | Path, out: str | Path, *, pick: int | None = None
             files = {"direction.safetensors": dir_path,
                      "direction.safetensors.json": Path(str(dir_path) + ".json"),
                      "tune.json": tune_dir / "tune.json", **g.files(Path(work))}
-            evaluation = (committed_evaluation(lambda: load_model(resolved.folder, device=device, allow_pickle=allow_pickle),
+            evaluation = (CommittedEvaluation(lambda: load_model(resolved.folder, device=device, allow_pickle=allow_pickle),
                                                PromptConfig(**data["prompts"]), eval_tokens, device, say)
                           if run_eval else None)
             g.write(reader, arch, out, r_hat, alpha, overwrite=overwrite, files=files, manifest=manifest,

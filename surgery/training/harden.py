@@ -106,7 +106,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
                  say: Say | None = None, progress: bool = True, unit_mask: str | Path | None = None,
                  unit_classes: Sequence[str] = ("redundant",)) -> TrainedResult:
     from ..adapters.peft import load_adapter, merge_edit
-    from ..pipeline import (PromptConfig, _say, committed_evaluation, evaluation_text, input_info, open_model, test_sets,
+    from ..pipeline import (PromptConfig, _say, CommittedEvaluation, evaluation_text, input_info, open_model, test_sets,
                             write_edited)
     from ..prompts import format_chat
 
@@ -178,7 +178,7 @@ def train_harden(source: str, out: str | Path, method: TrainMethod, *, config: T
             manifest = build_manifest(input_info=input_info(resolved, reader), method=method.name,
                                       parameters=params, datasets=datasets, extra=method.manifest_extra())
             files = {**(_adapter_files(adapter_dir) if save_adapter else {}), **method.files(work)}
-            evaluation = committed_evaluation(lm, prompts, eval_tokens, device, say) if run_eval else None
+            evaluation = CommittedEvaluation(lm, prompts, eval_tokens, device, say) if run_eval else None
             write_edited(reader, out, edit, overwrite=overwrite, extra=extra, config_updates=plan.config_updates,
                          extra_edited=plan.new_edited, files=files, manifest=manifest,
                          max_shard_bytes=max_shard_bytes, say=say, evaluate=evaluation)
